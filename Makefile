@@ -1,0 +1,15 @@
+# The two commands of the README. Each sets up .venv on first use (scripts/setup.sh).
+.PHONY: setup toy test bench
+PY := .venv/bin/python
+
+setup:
+	@bash scripts/setup.sh
+
+toy: setup            ## the main job: SFT then MaskGRPO on the arithmetic toy (~10 min on 2 cores)
+	$(PY) toy/arithmetic.py $(ARGS)
+
+test: setup           ## the test suite (what CI runs)
+	$(PY) -m pytest -q
+
+bench: setup          ## speed figures as JSON
+	$(PY) bench.py

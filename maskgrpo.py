@@ -1,0 +1,705 @@
+"""
+MaskGRPO in one file: GRPO for masked discrete diffusion language / image models.
+
+Paper: Ma, Zhang, Wang, Ye, "Consolidating Reinforcement Learning for Multimodal Discrete
+Diffusion Models", arXiv 2510.02880 (ICLR 2026). Model: LLaDA (Nie et al., arXiv 2502.09992).
+Read top to bottom; every other part of the project imports this file.
+
+    model ──> masked diffusion (forward process, ELBO) ──> samplers (text, image)
+          ──> importance estimator (mask ratios, Rev masks, masked log-probs)
+          ──> GRPO loss ──> training step (rollout, rewards, advantages, mu updates)
+
+Choices this implementation makes (and where it departs from the paper / official code):
+ 1. Each rollout batch is trained on every mask ratio r_0..r_{mu-1} exactly once, ratio r_j for
+    the whole batch at inner update j. The official code's gradient accumulation trains each
+    micro-batch on every other ratio, twice.
+ 2. Masks are drawn from an explicit torch.Generator and kept as tensors, so old, reference and
+    current policies are scored on identical masks and rho == 1 exactly at j = 0. The official
+    code reseeds the global RNG (which also perturbs rollouts). `shared_masks=False` draws an
+    independent mask for every policy (an ablation); the loss then covers the tokens masked in all.
+ 3. A text completion ends at its first EOS: tokens after it are neither masked, scored nor
+    attended, so EOS padding cannot change the loss and the AR-like ramp runs over the real answer.
+    The official code ramps and scores over the whole fixed canvas (`score_whole_canvas=True`).
+ 4. Loss per masked token, averaged over all masked tokens of the batch ("token", as the official
+    code) or per sequence first ("sequence", closer to the paper's 1/|o_i|). The paper's 1/t
+    weight is off by default, as in the official code (`inverse_ratio_weight=True` turns it on).
+ 5. Rollout Gumbel noise and confidences are computed in float64 (LLaDA's stated intent; the
+    official RL code used bf16). Logits are computed only for the block being decoded.
+ 6. Images: rollouts may use classifier-free guidance; log-probs for the loss are always
+    conditional without guidance (the official code does the same, silently).
+ 7. The model takes a key-padding mask and honours it (the official LLaDA copy ignores it).
+ 8. LoRA is a few lines of our own (no `peft`/`transformers` dependency); the reference policy is
+    the same model with adapters switched off. scale/ exports adapters in PEFT's file format.
+ 9. Groups (the G completions of one prompt) always live on one rank, so advantages need no
+    cross-rank gather; token counts are summed over ranks so 1 process on 2B rows equals
+    2 processes on B rows each. Distribution applies only when the world size is > 1.
+"""
+
+import math
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# Model config
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # embedding rows (LLaDA 126464, MMaDA 134656 = 126464 + 8192 image codes)
+    d_model: int  # hidden width
+    n_layers: int  # transformer blocks
+    n_heads: int  # attention heads (LLaDA has no GQA: kv heads == heads)
+    mlp_hidden_size: int  # SwiGLU inner width
+    mask_token_id: int  # the absorbing token m = [MASK]
+    eos_token_id: int  # end of text; also the padding of a fixed completion canvas
+    max_sequence_length: int = 4096  # longest input accepted
+    rope_theta: float = 500000.0  # RoPE base
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"ModelConfig.d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        for name in ("mask_token_id", "eos_token_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
+        if self.mask_token_id == self.eos_token_id:
+            raise ValueError(f"ModelConfig.mask_token_id and eos_token_id must differ, both are {self.mask_token_id}")
+
+    @classmethod
+    def llada_8b(cls):
+        """GSAI-ML/LLaDA-8B-Instruct (~8.016e9 parameters)."""
+        return cls(vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, mlp_hidden_size=12288,
+                   mask_token_id=126336, eos_token_id=126081)
+
+    @classmethod
+    def mmada_8b(cls):
+        """Gen-Verse/MMaDA-8B-Base: LLaDA blocks, vocabulary extended by 8192 MAGVIT-v2 codes."""
+        return replace(cls.llada_8b(), vocab_size=134656)
+
+    @classmethod
+    def tiny(cls, vocab_size, mask_token_id, eos_token_id, **overrides):
+        """A laptop-sized model of the same architecture (the toys use this)."""
+        sizes = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, max_sequence_length=512)
+        return cls(vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, **(sizes | overrides))
+
+
+# -----------------------------------------------------------------------------
+# Model: the LLaDA transformer (bidirectional, pre-norm, RoPE, SwiGLU, untied head)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(length, head_dim, theta, device):
+    """cos, sin of shape (L, head_dim) in fp32; inv_freq_i = theta^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)  # (L, hd/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (L, hd)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x' = x*cos + rotate_half(x)*sin, rotate_half(x) = (-x2, x1)   (x: (B, H, L, hd))
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f = cfg.d_model, cfg.mlp_hidden_size
+        self.n_heads = cfg.n_heads
+        self.attn_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d, d, bias=False) for _ in range(3))
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.ff_proj = nn.Linear(d, f, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.ff_out = nn.Linear(f, d, bias=False)
+
+    def forward(self, x, cos, sin, attn_mask):
+        B, L, D = x.shape
+        n = self.attn_norm(x)
+        q, k, v = (p(n).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # bidirectional attention: no causal mask, only key padding   (B, H, L, hd)
+        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=attn_mask)
+        h = x + self.attn_out(y.transpose(1, 2).reshape(B, L, D))
+        m = self.ff_norm(h)
+        # SwiGLU: ff_out(silu(ff_proj(m)) * up_proj(m))
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class MaskedDiffusionLM(nn.Module):
+    """The LLaDA architecture; parameter names equal the HF checkpoint keys, so real weights load 1:1."""
+
+    def __init__(self, config: ModelConfig, generator=None):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.d_model),
+            blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+            ff_out=nn.Linear(config.d_model, config.vocab_size, bias=False),
+        ))
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02, generator=generator)  # no-op on the meta device
+
+    def forward(self, input_ids, attention_mask=None, *, positions=None, columns=None):
+        """input_ids (B, L); attention_mask (B, L) bool, False = padding that no token attends to.
+        positions: slice of sequence positions and columns: slice of vocabulary entries for which
+        logits are computed (an 8B vocabulary makes full logits expensive). Returns fp32 logits."""
+        B, L = input_ids.shape
+        if L > self.config.max_sequence_length:
+            raise ValueError(f"input length {L} exceeds max_sequence_length={self.config.max_sequence_length}")
+        t = self.model.transformer
+        x = t.wte(input_ids)  # (B, L, D)
+        cos, sin = rope_tables(L, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
+        for block in t.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask)
+        x = t.ln_f(x[:, positions] if positions is not None else x)  # (B, P, D)
+        w = t.ff_out.weight if columns is None else t.ff_out.weight[columns]  # (V', D)
+        return F.linear(x, w).float()  # (B, P, V')
+
+
+# -----------------------------------------------------------------------------
+# LoRA (Hu et al. 2021): W x + (alpha / r) * B A x, with a switch to turn the adapters off
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (its weight keeps the checkpoint name) plus a low-rank update."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, generator=None):
+        super().__init__(base.in_features, base.out_features, bias=False, device="meta")
+        self.weight = base.weight
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
+        nn.init.zeros_(self.lora_B.weight)  # starts as the identity update
+        self.scaling = alpha / rank
+        self.enabled = True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        return y + self.scaling * self.lora_B(self.lora_A(x)) if self.enabled else y
+
+
+def add_lora(model, rank=128, alpha=64, targets=("q_proj", "k_proj", "v_proj", "up_proj"), generator=None):
+    """Wrap the target projections of every block with LoRA; freeze everything else.
+    Official MaskGRPO text setting: r 128, alpha 64 on q, k, v, up."""
+    for block in model.model.transformer.blocks:
+        for name in targets:
+            setattr(block, name, LoRALinear(getattr(block, name), rank, alpha, generator))
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    return model
+
+
+def has_lora(model):
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+@contextmanager
+def lora_disabled(model):
+    """The base model (the GRPO reference policy) while inside the block."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+# -----------------------------------------------------------------------------
+# Masked diffusion: forward process and the ELBO (LLaDA / MDLM)
+
+
+def cosine_masked_fraction(tau):
+    # k(tau) = cos(pi * tau / 2): fraction still masked at sampling time tau in [0, 1] (images)
+    return math.cos(math.pi * tau / 2)
+
+
+def forward_mask(x0, t, maskable, generator):
+    """q(x_t | x_0) with alpha_t = 1 - t: each maskable token becomes [MASK] with prob. t.
+    x0 (B, L); t (B,); maskable (B, L) bool. Returns the mask (B, L) bool, True = masked."""
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)
+    return (u < t[:, None]) & maskable
+
+
+def apply_mask(x, mask, mask_id):
+    return torch.where(mask, torch.full_like(x, mask_id), x)
+
+
+def token_logps(logits, targets):
+    """log pi(target) per position: logits (B, L, V), targets (B, L) -> (B, L)."""
+    return torch.gather(logits.log_softmax(-1), -1, targets[..., None]).squeeze(-1)
+
+
+def elbo_loss(model, input_ids, answer_mask, *, generator, attention_mask=None, columns=None, eps=1e-3):
+    """SFT loss, the negative ELBO of LLaDA eq. (3) / MDLM:
+    L = E_t [ (1/t) sum_{i masked} -log pi(x0_i | x_t) ] / |answer|, t ~ U(eps, 1].
+    answer_mask (B, L) bool marks tokens that may be masked (the prompt never is).
+    columns: a vocabulary slice (image codes); targets are then offset by columns.start."""
+    B = input_ids.shape[0]
+    # t ~ U(eps, 1]   (B,)
+    t = eps + (1 - eps) * (1 - torch.rand(B, generator=generator, device=input_ids.device))
+    mask = forward_mask(input_ids, t, answer_mask, generator)
+    logits = model(apply_mask(input_ids, mask, model.config.mask_token_id), attention_mask, columns=columns)
+    targets = input_ids - (columns.start if columns is not None else 0)
+    nll = -token_logps(logits, targets.clamp(min=0)) * mask  # (B, L), zero where not masked
+    return (nll.sum(1) / t / answer_mask.sum(1).clamp(min=1)).mean()
+
+
+# -----------------------------------------------------------------------------
+# Samplers
+
+
+def gumbel_argmax(logits, temperature, generator):
+    """argmax of exp(l) / (-log u)^tau, u ~ U(0,1) (LLaDA's form) = argmax(l + tau * g), g ~ Gumbel,
+    i.e. a draw from softmax(l / tau); in float64. temperature 0 is greedy argmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    return (logits.double() - temperature * torch.log(-torch.log(u.clamp_min(1e-300)))).argmax(-1)
+
+
+def transfer_counts(num_masked, steps):
+    """Split each row's masked count evenly over the steps, remainder to the early steps.
+    num_masked (B,) -> (B, steps)."""
+    base, rem = num_masked // steps, num_masked % steps
+    return base[:, None] + (torch.arange(steps, device=num_masked.device)[None] < rem[:, None]).long()
+
+
+def _check_positive(**values):
+    for name, v in values.items():
+        if v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+@torch.no_grad()
+def generate_text(model, prompt_ids, *, gen_length, block_length, steps, temperature, mask_id,
+                  generator=None, attention_mask=None, on_step=None):
+    """LLaDA generate (arXiv 2502.09992, Alg. 5, low-confidence remasking), vectorised over rows.
+    Canvas = prompt + gen_length masks, decoded block by block left to right; each block gets
+    steps * block_length / gen_length steps; each step samples a candidate for every masked
+    position of the block (Gumbel-max at `temperature`), scores it by its softmax probability and
+    commits the top-k. Committed tokens never change. prompt_ids (B, P), left-padded with
+    attention_mask (B, P). Returns (B, P + gen_length). on_step(step, x) sees every canvas."""
+    _check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
+    if gen_length % block_length:
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
+    num_blocks = gen_length // block_length
+    if steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    B, P = prompt_ids.shape
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)  # (B, P+L)
+    if attention_mask is not None:
+        attention_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones((B, gen_length), dtype=torch.bool)], 1)
+    steps_per_block, step = steps // num_blocks, 0
+    for b in range(num_blocks):
+        block = slice(P + b * block_length, P + (b + 1) * block_length)
+        counts = transfer_counts((x[:, block] == mask_id).sum(1), steps_per_block)  # (B, S)
+        for s in range(steps_per_block):
+            logits = model(x, attention_mask, positions=block).double()  # (B, Lb, V)
+            masked = x[:, block] == mask_id  # (B, Lb)
+            x0 = gumbel_argmax(logits, temperature, generator)  # (B, Lb)
+            # confidence = pi(x0) under the un-noised logits; only masked positions compete
+            conf = torch.gather(logits.softmax(-1), -1, x0[..., None]).squeeze(-1)
+            conf = torch.where(masked, conf, -math.inf)
+            # commit the counts[:, s] most confident positions of each row
+            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+            commit = (rank < counts[:, s, None]) & masked
+            x[:, block] = torch.where(commit, x0, x[:, block])
+            step += 1
+            if on_step is not None:
+                on_step(step, x)
+    return x
+
+
+def guided_logits(model, x, uncond, guidance_scale, attention_mask, uncond_mask, positions, columns):
+    """Classifier-free guidance: (1 + w) * cond - w * uncond; w = 0 is plain conditional logits."""
+    if guidance_scale == 0:
+        return model(x, attention_mask, positions=positions, columns=columns)
+    masks = None
+    if attention_mask is not None or uncond_mask is not None:
+        ones = torch.ones_like(x, dtype=torch.bool)
+        masks = torch.cat([ones if attention_mask is None else attention_mask.bool(),
+                           ones if uncond_mask is None else uncond_mask.bool()])
+    cond, unc = model(torch.cat([x, uncond]), masks, positions=positions, columns=columns).chunk(2)
+    return (1 + guidance_scale) * cond - guidance_scale * unc
+
+
+@torch.no_grad()
+def generate_image(model, input_ids, *, positions, columns, steps, mask_id, mode="emerge",
+                   guidance_scale=0.0, uncond_ids=None, temperature=1.0, generator=None,
+                   attention_mask=None, uncond_attention_mask=None, choice_temperature=4.5, on_step=None):
+    """Fill the [MASK] tokens at `positions` (a slice) with image codes; logits are restricted to the
+    vocabulary `columns` (a slice: token id = columns.start + code). Cosine schedule k(tau).
+    mode "emerge": the MDLM ancestral sampler; at step s each still-masked token reveals a draw
+      from pi with prob. (k_t - k_s) / k_t, k_t = k(s/T), k_s = k((s+1)/T); reveal counts are random.
+    mode "maskgit" (MMaDA default): sample every masked token, confidence = log p + annealed Gumbel
+      noise, keep floor(N * k((s+1)/T)) lowest-confidence ones masked.
+    uncond_ids: the same layout with an empty prompt (needed when guidance_scale > 0)."""
+    _check_positive(steps=steps)
+    if mode not in ("emerge", "maskgit"):
+        raise ValueError(f"mode must be 'emerge' or 'maskgit', got {mode!r}")
+    if guidance_scale and (uncond_ids is None or uncond_ids.shape != input_ids.shape):
+        raise ValueError("guidance_scale > 0 needs uncond_ids of the same shape as input_ids")
+    x = input_ids.clone()
+    uncond = None if uncond_ids is None else uncond_ids.clone()
+    N = positions.stop - positions.start
+    for s in range(steps):
+        k_t, k_s = cosine_masked_fraction(s / steps), cosine_masked_fraction((s + 1) / steps)
+        masked = x[:, positions] == mask_id  # (B, N)
+        logits = guided_logits(model, x, uncond, guidance_scale, attention_mask, uncond_attention_mask,
+                               positions, columns) / max(temperature, 1e-6)
+        x0 = gumbel_argmax(logits, 1.0, generator)  # (B, N) a draw from softmax(logits / tau)
+        if mode == "emerge":
+            u = torch.rand(masked.shape, generator=generator, device=x.device)
+            reveal = masked & (u < (k_t - k_s) / k_t) if s < steps - 1 else masked
+        else:
+            logp = torch.gather(logits.log_softmax(-1), -1, x0[..., None]).squeeze(-1).double()
+            u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)
+            noise = choice_temperature * (1 - (s + 1) / steps) * -torch.log(-torch.log(u.clamp_min(1e-300)))
+            conf = torch.where(masked, logp + noise, math.inf)
+            keep_masked = math.floor(N * k_s)
+            rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
+            reveal = masked & (rank >= keep_masked)
+        x[:, positions] = torch.where(reveal, x0 + columns.start, x[:, positions])
+        if uncond is not None:
+            uncond[:, positions] = x[:, positions]
+        if on_step is not None:
+            on_step(s + 1, x)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Importance estimation: which tokens are re-masked, and their log-probs under that mask
+
+
+@dataclass
+class Completions:
+    """A finished rollout batch as the estimator sees it; N = prompts x G rows, completion length L."""
+
+    sequences: torch.Tensor  # (N, T) prompt + completion, clean token ids
+    attention_mask: torch.Tensor  # (N, T) bool: False for prompt padding and text after the first EOS
+    positions: slice  # the completion's columns [start, start + L) of `sequences`
+    scored: torch.Tensor  # (N, L) bool: completion tokens that may be masked and carry loss
+    columns: slice | None = None  # vocabulary slice for the logits (image codes); None = all
+
+    @property
+    def completion(self):
+        return self.sequences[:, self.positions]  # (N, L)
+
+    def rows(self, idx):
+        return replace(self, sequences=self.sequences[idx], attention_mask=self.attention_mask[idx], scored=self.scored[idx])
+
+
+def text_completions(sequences, prompt_mask, eos_id, score_whole_canvas=False):
+    """Wrap generate_text output. By default a completion ends at its first EOS (inclusive): later
+    tokens are neither scored nor attended. score_whole_canvas=True keeps the whole canvas (official)."""
+    P = prompt_mask.shape[1]
+    comp = sequences[:, P:]  # (N, L)
+    is_eos = (comp == eos_id).long()
+    scored = torch.ones_like(comp, dtype=torch.bool) if score_whole_canvas else (is_eos.cumsum(1) - is_eos) == 0
+    return Completions(sequences, torch.cat([prompt_mask.bool(), scored], 1), slice(P, sequences.shape[1]), scored)
+
+
+def mask_ratio(iteration, num_iterations, min_mask_rate):
+    # r_j = min(gamma + (1 - gamma) * (j + 1) / mu, 0.999), j = 0..mu-1 (MaskGRPO's rising, truncated schedule)
+    if not 0 <= iteration < num_iterations:
+        raise ValueError(f"iteration={iteration} must be in [0, num_iterations={num_iterations})")
+    return min(min_mask_rate + (1 - min_mask_rate) * (iteration + 1) / num_iterations, 0.999)
+
+
+def remask(completion_ids, ratio, kind, generator, scored=None):
+    """Rev: re-mask a finished completion to mask level `ratio`. Returns (N, L) bool, True = masked.
+    "random": iid with prob. ratio. "arlike" (fading-out): later tokens are more likely masked,
+      P(mask at n of L) = clamp(1 - 2 (1 - ratio) (1 - n / (L - 1)), 0, 1); expected fraction = ratio
+      for ratio >= 0.5. L is each row's scored length (`scored` (N, L) bool, a prefix of the row)."""
+    N, L = completion_ids.shape
+    if scored is None:
+        scored = torch.ones_like(completion_ids, dtype=torch.bool)
+    if kind == "random":
+        p = torch.full((N, L), ratio, device=completion_ids.device)
+    elif kind == "arlike":
+        n = torch.arange(L, device=completion_ids.device).float()[None]  # (1, L)
+        last = (scored.sum(1, keepdim=True) - 1).clamp(min=1).float()  # (N, 1)  L_b - 1
+        p = (1 - 2 * (1 - ratio) * (1 - n / last)).clamp(0, 1)
+    else:
+        raise ValueError(f"remask kind must be 'random' or 'arlike', got {kind!r}")
+    return (torch.rand((N, L), generator=generator, device=completion_ids.device) < p) & scored
+
+
+def draw_mask(batch, cfg, iteration, generator):
+    """The mask M_j over whole sequences (N, T) for inner iteration j.
+    maskgrpo: Rev of the completion at ratio r_j, the prompt never masked.
+    d1 (diffu-GRPO one-step): the whole completion masked (t = 1), prompt tokens masked w.p. p_mask_prompt."""
+    N, T = batch.sequences.shape
+    mask = torch.zeros((N, T), dtype=torch.bool, device=batch.sequences.device)
+    if cfg.estimator == "d1":
+        start = batch.positions.start
+        u = torch.rand((N, start), generator=generator, device=mask.device)
+        mask[:, :start] = (u < cfg.p_mask_prompt) & batch.attention_mask[:, :start]
+        mask[:, batch.positions] = batch.scored
+    else:
+        ratio = mask_ratio(iteration, cfg.num_iterations, cfg.min_mask_rate)
+        mask[:, batch.positions] = remask(batch.completion, ratio, cfg.remasking, generator, batch.scored)
+    return mask
+
+
+def masked_logps(model, batch, mask):
+    """log pi(o_k | o masked by M) at every completion position in one forward: (N, L).
+    Only positions where M is True are meaningful (the caller's loss mask selects them)."""
+    x_t = apply_mask(batch.sequences, mask, _config(model).mask_token_id)
+    logits = model(x_t, batch.attention_mask, positions=batch.positions, columns=batch.columns)
+    offset = batch.columns.start if batch.columns is not None else 0
+    return token_logps(logits, batch.completion - offset)
+
+
+# -----------------------------------------------------------------------------
+# GRPO: group advantages and the clipped surrogate with a k3 KL penalty
+
+
+def group_advantages(rewards, num_generations, scale_rewards=True):
+    # A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std; groups are consecutive rows
+    if rewards.ndim != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of num_generations={num_generations}")
+    r = rewards.float().view(-1, num_generations)  # (groups, G)
+    adv = r - r.mean(1, keepdim=True)
+    if scale_rewards:
+        adv = adv / (r.std(1, keepdim=True) + 1e-4)
+    same = (r == r[:, :1]).all(1, keepdim=True)  # zero-std group: exactly no signal
+    return torch.where(same, torch.zeros_like(adv), adv).view(-1)
+
+
+def grpo_loss(logps, old_logps, ref_logps, advantages, loss_mask, *, epsilon, beta, loss_type="token"):
+    """Per masked token k of row i:
+        rho = exp(logp - logp_old)
+        l = -min(rho * A_i, clip(rho, 1 - eps, 1 + eps) * A_i) + beta * k3,
+        k3 = exp(ref - logp) - (ref - logp) - 1   (Schulman's unbiased, non-negative KL estimator).
+    "token": mean over all masked tokens; "sequence": mean over rows of each row's masked-token mean.
+    logps, old_logps, ref_logps, loss_mask: (N, L); advantages (N,). Returns (loss, stats)."""
+    if loss_type not in ("token", "sequence"):
+        raise ValueError(f"loss_type must be 'token' or 'sequence', got {loss_type!r}")
+    if beta > 0 and ref_logps is None:
+        raise ValueError("beta > 0 needs ref_logps")
+    m = loss_mask.float()
+    A = advantages[:, None]  # (N, 1)
+    rho = torch.exp(logps - old_logps)  # (N, L)
+    per_token = -torch.min(rho * A, rho.clamp(1 - epsilon, 1 + epsilon) * A)
+    kl = torch.zeros_like(logps)
+    if beta > 0:
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        per_token = per_token + beta * kl
+    if loss_type == "token":
+        loss = (per_token * m).sum() / m.sum().clamp(min=1)
+    else:
+        loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+    with torch.no_grad():
+        n = m.sum().clamp(min=1)
+        clipped = ((rho < 1 - epsilon) & (A < 0)) | ((rho > 1 + epsilon) & (A > 0))
+        stats = dict(clip_frac=(clipped * m).sum() / n, kl=(kl * m).sum() / n, ratio_mean=(rho * m).sum() / n,
+                     ratio_max=torch.where(loss_mask, rho, 0).max() if loss_mask.any() else rho.new_tensor(1.0))
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# Training step: rollout -> rewards -> advantages -> old/ref log-probs -> mu updates
+
+
+@dataclass
+class GRPOConfig:
+    # rollouts (official text setting: LLaDA-8B-Instruct on GSM8K)
+    num_generations: int = 6  # G, completions per prompt (a group)
+    max_completion_length: int = 256  # L, the text canvas
+    block_length: int = 16  # semi-AR block size of the text sampler
+    diffusion_steps: int = 128  # sampler steps per completion
+    temperature: float = 0.9  # rollout sampling temperature (evaluation uses 0 = greedy)
+    # estimator
+    num_iterations: int = 12  # mu, inner updates per rollout batch, one mask ratio each
+    min_mask_rate: float = 0.6  # gamma, truncation of the rising ratio schedule (0.8 for images)
+    remasking: str = "arlike"  # Rev: "arlike" (text) or "random" (images, UniGRPO)
+    estimator: str = "maskgrpo"  # "maskgrpo", or "d1" (diffu-GRPO one-step baseline)
+    p_mask_prompt: float = 0.15  # d1 only: prompt masking probability
+    shared_masks: bool = True  # old/ref/current scored on the same mask (False: ablation)
+    score_whole_canvas: bool = False  # True: score and attend EOS padding too (official behaviour)
+    inverse_ratio_weight: bool = False  # weight the loss by 1/r_j (the paper's ELBO term; official: off)
+    # loss
+    epsilon: float = 0.2  # PPO clip range
+    beta: float = 0.01  # KL weight (0 = no reference model needed)
+    loss_type: str = "token"  # "token" or "sequence" normalisation
+    scale_rewards: bool = True  # divide advantages by the group std
+    # optimiser
+    learning_rate: float = 3e-6
+    adam_betas: tuple = (0.9, 0.99)
+    weight_decay: float = 0.1
+    max_grad_norm: float = 0.2
+    micro_batch_size: int = 8  # rows per forward/backward (gradient accumulation inside one update)
+
+    def __post_init__(self):
+        choices = dict(remasking=("arlike", "random"), estimator=("maskgrpo", "d1"), loss_type=("token", "sequence"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"GRPOConfig.num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        for name in ("max_completion_length", "block_length", "diffusion_steps", "num_iterations",
+                     "micro_batch_size", "epsilon", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_completion_length % self.block_length:
+            raise ValueError(f"GRPOConfig.block_length={self.block_length} must divide "
+                             f"max_completion_length={self.max_completion_length}")
+        blocks = self.max_completion_length // self.block_length
+        if self.diffusion_steps % blocks:
+            raise ValueError(f"GRPOConfig.diffusion_steps={self.diffusion_steps} must be a multiple of "
+                             f"the number of blocks ({blocks})")
+        if not 0 <= self.min_mask_rate < 1:
+            raise ValueError(f"GRPOConfig.min_mask_rate must be in [0, 1), got {self.min_mask_rate}")
+        for name in ("temperature", "beta", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.p_mask_prompt < 1:
+            raise ValueError(f"GRPOConfig.p_mask_prompt must be in [0, 1), got {self.p_mask_prompt}")
+
+    @classmethod
+    def field_names(cls):
+        return [f.name for f in fields(cls)]
+
+
+def _config(model):
+    return getattr(model, "module", model).config  # DDP wraps the model in .module
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_sum(x):
+    """Sum of a tensor over ranks; itself when there is one process."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+def make_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
+
+
+@torch.no_grad()
+def rollout_text(model, prompt_ids, prompt_mask, cfg, generator):
+    """G completions per prompt (rows of a group are consecutive) -> Completions."""
+    mc = _config(model)
+    seq = generate_text(model, prompt_ids.repeat_interleave(cfg.num_generations, 0),
+                        gen_length=cfg.max_completion_length, block_length=cfg.block_length,
+                        steps=cfg.diffusion_steps, temperature=cfg.temperature, mask_id=mc.mask_token_id,
+                        generator=generator, attention_mask=prompt_mask.repeat_interleave(cfg.num_generations, 0))
+    return text_completions(seq, prompt_mask.repeat_interleave(cfg.num_generations, 0), mc.eos_token_id,
+                            cfg.score_whole_canvas)
+
+
+@torch.no_grad()
+def _score_all(model, batch, mask, micro_batch_size):
+    """masked_logps over the whole batch in micro-batches, without gradients: (N, L)."""
+    return torch.cat([masked_logps(model, batch.rows(i), mask[i])
+                      for i in torch.arange(len(mask)).split(micro_batch_size)])
+
+
+def _units(loss_mask, loss_type):
+    """What the loss is averaged over: masked tokens ("token") or rows ("sequence")."""
+    return loss_mask.sum().float() if loss_type == "token" else loss_mask.new_tensor(loss_mask.shape[0], dtype=torch.float)
+
+
+def _update(policy, optimizer, batch, mask, old, ref, adv, loss_mask, cfg, weight):
+    """One optimiser update on one mask: micro-batched forward/backward, clip, step. Returns stats."""
+    # every micro-batch is normalised by the global count, x world because FSDP/DDP average gradients
+    n_total = global_sum(_units(loss_mask, cfg.loss_type)).clamp(min=1)
+    optimizer.zero_grad(set_to_none=True)
+    sums, tokens, ratio_max = dict(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=0.0), 0, 1.0
+    for i in torch.arange(len(mask)).split(cfg.micro_batch_size):
+        logps = masked_logps(policy, batch.rows(i), mask[i])
+        loss, stats = grpo_loss(logps, old[i], None if ref is None else ref[i], adv[i], loss_mask[i],
+                                epsilon=cfg.epsilon, beta=cfg.beta, loss_type=cfg.loss_type)
+        share = _units(loss_mask[i], cfg.loss_type) / n_total
+        (loss * share * world_size() * weight).backward()
+        n = int(loss_mask[i].sum())
+        sums["loss"] += float(loss.detach() * share)
+        for k in ("clip_frac", "kl", "ratio_mean"):
+            sums[k] += float(stats[k]) * n
+        tokens, ratio_max = tokens + n, max(ratio_max, float(stats["ratio_max"]))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
+    optimizer.step()
+    out = {k: v / max(tokens, 1) for k, v in sums.items() if k != "loss"}
+    return out | dict(loss=sums["loss"], ratio_max=ratio_max, masked_tokens=tokens,
+                      grad_norm=float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()))
+
+
+def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None):
+    """One MaskGRPO step on a finished rollout batch: mu optimiser updates, update j on mask M_j
+    at ratio r_j for the whole batch. reference: a frozen copy of the initial policy; None uses the
+    policy with LoRA adapters off (or nothing when beta = 0). Returns a dict of float stats
+    (averaged over the mu updates; ratio_max is the maximum)."""
+    N = batch.sequences.shape[0]
+    if rewards.shape != (N,):
+        raise ValueError(f"rewards must have shape ({N},), got {tuple(rewards.shape)}")
+    if cfg.beta > 0 and reference is None and not has_lora(policy):
+        raise ValueError("beta > 0 needs a reference model (a frozen copy) or LoRA adapters on the policy")
+    adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
+    mu, P = cfg.num_iterations, batch.positions
+    masks = [draw_mask(batch, cfg, j, generator) for j in range(mu)]  # M_j, (N, T) each
+    masks_old = masks if cfg.shared_masks else [draw_mask(batch, cfg, j, generator) for j in range(mu)]
+    masks_ref = masks if cfg.shared_masks else [draw_mask(batch, cfg, j, generator) for j in range(mu)]
+    old = [_score_all(policy, batch, m, cfg.micro_batch_size) for m in masks_old]  # (N, L) each
+    ref = [None] * mu
+    if cfg.beta > 0:
+        with lora_disabled(policy) if reference is None else nullcontext(reference) as ref_model:
+            ref = [_score_all(ref_model, batch, m, cfg.micro_batch_size) for m in masks_ref]
+    history = []
+    for j in range(mu):
+        # tokens carrying loss: masked by M_j (by every policy's mask when masks are not shared)
+        loss_mask = masks[j][:, P] & masks_old[j][:, P] & batch.scored
+        if cfg.beta > 0:
+            loss_mask &= masks_ref[j][:, P]
+        # the paper's ELBO weight 1/t, t = r_j (the d1 estimator masks everything: t = 1)
+        weight = 1.0
+        if cfg.inverse_ratio_weight and cfg.estimator == "maskgrpo":
+            weight = 1 / mask_ratio(j, mu, cfg.min_mask_rate)
+        history.append(_update(policy, optimizer, batch, masks[j], old[j], ref[j], adv, loss_mask, cfg, weight))
+    out = {k: sum(h[k] for h in history) / mu for k in history[0]}
+    r = rewards.float()
+    return out | dict(ratio_max=max(h["ratio_max"] for h in history), reward_mean=float(r.mean()),
+                      reward_std=float(r.std()),
+                      zero_std_frac=float((r.view(-1, cfg.num_generations).std(1) == 0).float().mean()))
