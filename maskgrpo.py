@@ -156,12 +156,13 @@ class MaskedDiffusionLM(nn.Module):
         self.config = config
         self.gradient_checkpointing = False  # recompute each block in backward (saves activations)
         self.model = nn.Module()
-        self.model.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.d_model),
-            blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
-            ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
-            ff_out=nn.Linear(config.d_model, config.vocab_size, bias=False),
-        ))
+        with torch.random.fork_rng(devices=[]):  # layer constructors' default init must not move the global RNG
+            self.model.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(config.vocab_size, config.d_model),
+                blocks=nn.ModuleList(Block(config) for _ in range(config.n_layers)),
+                ln_f=RMSNorm(config.d_model, config.rms_norm_eps),
+                ff_out=nn.Linear(config.d_model, config.vocab_size, bias=False),
+            ))
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02, generator=generator)  # no-op on the meta device
@@ -170,7 +171,7 @@ class MaskedDiffusionLM(nn.Module):
         """input_ids (B, L); attention_mask (B, L) bool, False = padding that no token attends to.
         positions: slice of sequence positions and columns: slice of vocabulary entries for which
         logits are computed (an 8B vocabulary makes full logits expensive). Returns fp32 logits."""
-        B, L = input_ids.shape
+        L = input_ids.shape[1]
         if L > self.config.max_sequence_length:
             raise ValueError(f"input length {L} exceeds max_sequence_length={self.config.max_sequence_length}")
         t = self.model.transformer
@@ -197,8 +198,9 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, rank, alpha, generator=None):
         super().__init__(base.in_features, base.out_features, bias=False, device="meta")
         self.weight = base.weight
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        with torch.random.fork_rng(devices=[]):  # the default init is overwritten below, from `generator`
+            self.lora_A, self.lora_B = nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(self.lora_B.weight)  # starts as the identity update
         self.scaling = alpha / rank
@@ -330,6 +332,7 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
         counts = transfer_counts((x[:, block] == mask_id).sum(1), steps_per_block)  # (B, S)
         for s in range(steps_per_block):
             logits = model(x, attention_mask, positions=block).double()  # (B, Lb, V)
+            logits[..., mask_id] = -math.inf  # [MASK] is never a candidate
             masked = x[:, block] == mask_id  # (B, Lb)
             x0 = gumbel_argmax(logits, temperature, generator)  # (B, Lb)
             # confidence = pi(x0) under the un-noised logits; only masked positions compete
@@ -376,7 +379,7 @@ def generate_image(model, input_ids, *, positions, columns, steps, mask_id, mode
         raise ValueError("guidance_scale > 0 needs uncond_ids of the same shape as input_ids")
     x = input_ids.clone()
     uncond = None if uncond_ids is None else uncond_ids.clone()
-    N = positions.stop - positions.start
+    N = x[:, positions].shape[1]  # image tokens
     for s in range(steps):
         k_t, k_s = cosine_masked_fraction(s / steps), cosine_masked_fraction((s + 1) / steps)
         masked = x[:, positions] == mask_id  # (B, N)
@@ -453,8 +456,9 @@ def remask(completion_ids, ratio, kind, generator, scored=None):
         p = torch.full((N, L), ratio, device=completion_ids.device)
     elif kind == "arlike":
         n = torch.arange(L, device=completion_ids.device).float()[None]  # (1, L)
-        last = (scored.sum(1, keepdim=True) - 1).clamp(min=1).float()  # (N, 1)  L_b - 1
-        p = (1 - 2 * (1 - ratio) * (1 - n / last)).clamp(0, 1)
+        last = scored.sum(1, keepdim=True).float() - 1  # (N, 1)  L_b - 1
+        frac = torch.where(last > 0, n / last.clamp(min=1), 0.5)  # n / (L - 1); a 1-token answer sits mid-ramp (p = r)
+        p = (1 - 2 * (1 - ratio) * (1 - frac)).clamp(0, 1)
     else:
         raise ValueError(f"remask kind must be 'random' or 'arlike', got {kind!r}")
     return (torch.rand((N, L), generator=generator, device=completion_ids.device) < p) & scored
@@ -647,7 +651,7 @@ def _update(policy, optimizer, batch, mask, old, ref, adv, loss_mask, cfg, weigh
     # every micro-batch is normalised by the global count, x world because FSDP/DDP average gradients
     n_total = global_sum(_units(loss_mask, cfg.loss_type)).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
-    sums, tokens, ratio_max = dict(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=0.0), 0, 1.0
+    sums, tokens, ratio_max = dict(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=0.0), 0, 0.0
     for i in torch.arange(len(mask)).split(cfg.micro_batch_size):
         logps = masked_logps(policy, batch.rows(i), mask[i])
         loss, stats = grpo_loss(logps, old[i], None if ref is None else ref[i], adv[i], loss_mask[i],

@@ -1,0 +1,555 @@
+"""Exact likelihood of a masked diffusion LM on a toy small enough to enumerate every unmasking order,
+and how the GRPO importance-ratio estimators (MaskGRPO, d1) compare with the exact log-ratio.
+
+Why this exists
+---------------
+GRPO needs rho = pi_theta(o) / pi_old(o) for a sampled completion o. For a masked diffusion model
+pi(o) is a marginal over every unmasking trajectory, so MaskGRPO and d1 use per-token surrogates
+scored on one re-masked copy of o (method.md sections 2-3). On a real model the exact value is out
+of reach; here the completion has L = 4 tokens from K = 4, so all L! = 24 unmasking orders (and all
+2^L = 16 partially revealed states) can be enumerated and the surrogates compared with the truth.
+
+The sampler whose likelihood is computed (`sample_random_order`)
+---------------------------------------------------------------
+Canvas = prompt p + L masks. Each of L steps picks one still-masked position uniformly at random and
+fills it with a draw from pi(. | x_t) at that position (temperature 1). This is MDLM's ancestral
+sampler (the "emerge" sampler of maskgrpo.generate_image) in the limit of many steps: there every
+masked token has an iid reveal time, so the order is uniform and no two tokens are revealed in the
+same step. It is not LLaDA's confidence-ranked sampler (maskgrpo.generate_text), whose order depends
+on the model's own confidence and whose marginal has no such closed form.
+
+Exact likelihood by dynamic programming over revealed sets (`exact_logprobs`)
+----------------------------------------------------------------------------
+    P(o | p) = sum over orders sigma of prod_k  1/(L-k) * pi(o_{sigma_k} | x_{sigma_1..sigma_{k-1}})
+x_S is prompt + o with only the positions in S revealed (the others [MASK]). With P(S) the
+probability that the sampler has revealed exactly the set S and written o there:
+    P({}) = 1,    P(S u {i}) += P(S) * 1/(L - |S|) * pi(o_i | x_S)   for i not in S,    P(o) = P({1..L}).
+pi(o_i | x_S) for all 2^L sets S and all L positions comes from ONE batched forward of 2^L rows
+(maskgrpo.masked_logps with mask = complement of S); the recursion runs in float64 (the log-probs
+themselves are the model's float32 output). Two other exact quantities come from the same table:
+  - left to right: log P_LR(o) = sum_k log pi(o_k | x_{1..k-1}), the semi-autoregressive extreme
+    (maskgrpo.generate_text with block_length 1 at temperature 1 samples this, over the full vocabulary);
+  - the ELBO = E_sigma[ log P_sigma(o) ] = sum_S 1/C(L,|S|) * 1/(L-|S|) * sum_{i not in S} log pi(o_i | x_S)
+    <= log P(o) (Jensen). It equals the MDLM/LLaDA continuous-time bound
+    E_{t~U(0,1)} E_{M~Bern(t)} [ (1/t) sum_{i in M} log pi(o_i | x_M) ], because a mask with m of L
+    positions has int_0^1 t^(m-1) (1-t)^(L-m) dt = (m-1)!(L-m)!/L! = 1/C(L,m) * 1/m (Ou et al. 2024,
+    arXiv 2406.03736: absorbing diffusion is an any-order autoregressive model).
+
+Estimators of  Delta = log pi_theta(o) - log pi_old(o)  (`ESTIMATORS`, `estimator_samples`)
+-------------------------------------------------------------------------------------------
+One mask draw M (N, T), the same for both policies (shared seeds, as MaskGRPO):
+    Delta_hat(M) = w * sum_{k masked by M in o} [ log pi_theta(o_k | o masked by M) - log pi_old(o_k | o masked by M) ]
+  - MaskGRPO: M = maskgrpo.draw_mask at inner iteration j, ratio r_j = min(gamma + (1-gamma)(j+1)/mu, 0.999),
+    Rev "arlike" (text, the paper's choice) or "random" (images); w = 1 (official code) or 1/r_j (paper).
+    Every inner iteration j = 0..mu-1 gets `draws` independent masks; statistics pool all of them
+    (one inner update sees one mask at one ratio); per-ratio statistics are kept in row["per_ratio"].
+    (In maskgrpo.grpo_step the 1/r_j weights update j's loss; rho itself is never weighted. At a fixed
+    ratio the weight is a constant factor: it rescales Delta_hat without changing its sign.)
+  - d1 (diffu-GRPO): M = maskgrpo.draw_mask with estimator "d1": the whole completion masked (t = 1),
+    each prompt token masked w.p. p_mask_prompt = 0.15; w = 1.
+  - ELBO: random mask at t ~ U(eps, 1] per draw (maskgrpo.forward_mask, as maskgrpo.elbo_loss), w = 1/t.
+    Not a GRPO estimator: its mean is the exact ELBO difference (up to eps), a check on the table.
+These are per-token surrogates: the sum over masked tokens of a log-ratio under one partial
+context is not an unbiased estimate of the sequence log-ratio, and none of them claims to be. What a
+GRPO update needs most is the direction: does Delta_hat rise and fall with Delta across completions?
+
+Statistics (`summarise`), over N completions o_i sampled from pi_old and D mask draws each
+------------------------------------------------------------------------------------------
+    bias            mean_{i,d} (Delta_hat_{i,d} - Delta_i)
+    slope           least-squares slope of mean_d Delta_hat_{i,d} on Delta_i over i (1 = the right scale)
+    std completions std_i of mean_d Delta_hat_{i,d}   (compare with std_i Delta_i in the first row)
+    std masks       sqrt(mean_i var_d Delta_hat_{i,d})   (the noise a single mask draw adds)
+    RMSE            sqrt(mean_{i,d} (Delta_hat_{i,d} - Delta_i)^2)
+    corr (1 mask)   Pearson correlation of Delta_hat_{i,d} with Delta_i over all pairs (i, d)
+    corr (avg)      Pearson correlation of mean_d Delta_hat_{i,d} with Delta_i over i
+    sign agree      fraction of pairs (i, d) with sign(Delta_hat_{i,d}) == sign(Delta_i)
+
+Toy task (`toy_sequences`, `make_policies`)
+------------------------------------------
+Tokens 0..3 ("content"), EOS 4 (never generated here), MASK 5. Prompt (x, y); the completion repeats
+x or y (a coin flip) L = 4 times, each token replaced by a uniform token w.p. 0.1; e.g. prompt (2, 0)
+-> (2, 2, 2, 2) or (0, 0, 0, 0), sometimes (0, 3, 0, 0). The completion's tokens depend strongly on
+each other (the first one revealed decides the rest), so a per-token view of o differs from the
+sequence view. The policy is the softmax over the content columns 0..3 (maskgrpo's `columns`
+slice), so a completion is one of 4^4 = 256 sequences. pi_old = a tiny MaskedDiffusionLM after
+`pretrain_steps` of maskgrpo.elbo_loss; pi_theta = a copy after `shift_steps` more steps at
+`shift_lr` (the size of the policy step) on data that always repeats x, the first prompt token, so
+Delta > 0 for x-runs and < 0 for y-runs. Completions are sampled from pi_old by sample_random_order,
+as GRPO samples its group from the old policy. Positions are exchangeable in this task: it has no
+left-to-right structure for the AR-like Rev to exploit.
+
+API
+---
+    sample_random_order(model, prompt_ids, length, generator, columns) -> (B, P + L) sequences
+    exact_logprobs(model, batch) -> dict(any_order, left_to_right, elbo), each (N,) float64
+    exact_logprob(model, prompt_ids, completion_ids, columns=None) -> float (any order, one sequence)
+    completion_distribution(model, prompt_ids, length, columns) -> every completion and its exact P
+    total_variation(sequences, tokens, probs) -> TV distance of sampled completions to the exact P
+    mask_draws(new, old, batch, kind, remasking, ...) -> unweighted Delta_hat and t, each (N, J, D) float64
+    estimator_samples(new, old, batch, estimator, ...) -> Delta_hat (N, J, D) float64, J = ratios
+    estimator_table(new, old, batch, ...) -> (rows, markdown)      rows: list of dicts (see `summarise`)
+    per_ratio_markdown(rows) -> markdown of the MaskGRPO rows split by ratio r_j
+    plot_estimators(rows, path)                                    scatter per estimator + per-ratio panels
+    make_policies(...) -> (pi_old, pi_theta);  toy_completions(...) -> maskgrpo.Completions
+
+The CLI also samples one prompt's completions with sample_random_order and with
+maskgrpo.generate_image(mode="emerge") at T steps and prints their TV distance to the exact P: the
+former sits at the sampling-noise floor, the latter approaches it as T grows (T = 1 is the
+mean-field product of pi(o_i | all masked)).
+
+Run (about 20 s of CPU time, under a minute on 2 busy cores; prints the table, writes runs/exact/{table.md, estimators.png}):
+    .venv/bin/python toy/exact.py [--shift-steps 10 --shift-lr 1e-3 --draws 32 --mu 4 --gamma 0.6]
+"""
+
+import argparse
+import copy
+import itertools
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from maskgrpo import (
+    Completions,
+    GRPOConfig,
+    MaskedDiffusionLM,
+    ModelConfig,
+    draw_mask,
+    elbo_loss,
+    forward_mask,
+    generate_image,
+    gumbel_argmax,
+    mask_ratio,
+    masked_logps,
+    text_completions,
+)
+
+# -----------------------------------------------------------------------------
+# Toy world
+
+NUM_TOKENS = 4  # K content tokens 0..K-1: the vocabulary a completion is drawn from
+EOS_ID = 4
+MASK_ID = 5
+VOCAB_SIZE = 6
+COLUMNS = slice(0, NUM_TOKENS)  # the policy's output vocabulary (EOS and MASK are never generated)
+PROMPT_LEN = 2
+COMPLETION_LEN = 4  # L: 4! = 24 orders, 2^4 = 16 revealed sets
+NOISE = 0.1  # probability that a completion token is replaced by a uniform token
+MAX_EXACT_LENGTH = 12  # 2^L forward rows per completion; beyond this enumerating is pointless
+
+
+def toy_model_config():
+    return ModelConfig.tiny(VOCAB_SIZE, MASK_ID, EOS_ID, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
+                            max_sequence_length=16)
+
+
+def toy_sequences(n, generator, p_first=0.5):
+    """n rows of prompt (x, y) + a completion that repeats x (w.p. p_first) or else y L times, each
+    completion token replaced by a uniform token w.p. NOISE. Returns (n, PROMPT_LEN + L) long."""
+    prompt = torch.randint(0, NUM_TOKENS, (n, PROMPT_LEN), generator=generator)
+    second = (torch.rand(n, generator=generator) >= p_first).long()
+    completion = prompt[torch.arange(n), second][:, None].expand(n, COMPLETION_LEN)  # (n, L)
+    noisy = torch.rand((n, COMPLETION_LEN), generator=generator) < NOISE
+    completion = torch.where(noisy, torch.randint(0, NUM_TOKENS, (n, COMPLETION_LEN), generator=generator), completion)
+    return torch.cat([prompt, completion], 1)
+
+
+def sft(model, steps, lr, generator, p_first=0.5, batch_size=64):
+    """`steps` AdamW steps of maskgrpo.elbo_loss on toy_sequences (the prompt is never masked)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    answer = torch.zeros((batch_size, PROMPT_LEN + COMPLETION_LEN), dtype=torch.bool)
+    answer[:, PROMPT_LEN:] = True
+    for _ in range(steps):
+        seq = toy_sequences(batch_size, generator, p_first)
+        loss = elbo_loss(model, seq, answer, generator=generator, columns=COLUMNS)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def make_policies(seed=0, pretrain_steps=150, pretrain_lr=1e-2, shift_steps=10, shift_lr=1e-3):
+    """pi_old: a tiny MaskedDiffusionLM after `pretrain_steps` of SFT on the toy task.
+    pi_theta: a copy after `shift_steps` more SFT steps at `shift_lr` on data that always repeats the
+    first prompt token (the size of the policy step grows with shift_steps x shift_lr).
+    Returns (pi_old, pi_theta), frozen, in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    old = sft(MaskedDiffusionLM(toy_model_config(), generator=generator), pretrain_steps, pretrain_lr, generator)
+    new = sft(copy.deepcopy(old).train(), shift_steps, shift_lr, generator, p_first=1.0)
+    for p in (*old.parameters(), *new.parameters()):
+        p.requires_grad_(False)
+    return old, new
+
+
+# -----------------------------------------------------------------------------
+# The random-order sampler and its exact likelihood
+
+
+@torch.no_grad()
+def sample_random_order(model, prompt_ids, length, generator, columns=None):
+    """Canvas = prompt + `length` masks; each step reveals ONE still-masked position, chosen uniformly,
+    with a draw from pi(. | x_t) there (temperature 1). prompt_ids (B, P), no padding.
+    columns: vocabulary slice the tokens are drawn from (token id = columns.start + index).
+    Returns (B, P + length)."""
+    B, P = prompt_ids.shape
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, length), model.config.mask_token_id)], 1)  # (B, P+L)
+    masked = torch.ones((B, length), dtype=torch.bool, device=x.device)
+    rows, positions = torch.arange(B, device=x.device), slice(P, P + length)
+    offset = columns.start if columns is not None else 0
+    for _ in range(length):
+        # i ~ uniform over the still-masked positions: argmax of iid uniforms restricted to them
+        u = torch.rand((B, length), generator=generator, device=x.device)
+        i = torch.where(masked, u, -1.0).argmax(1)  # (B,)
+        logits = model(x, positions=positions, columns=columns)  # (B, L, V')
+        x[rows, P + i] = gumbel_argmax(logits[rows, i], 1.0, generator) + offset  # a draw from softmax(logits)
+        masked[rows, i] = False
+    return x
+
+
+def subset_masks(length, device=None):
+    """All 2^L revealed sets as masks (2^L, L) bool: row s has position i revealed iff bit i of s is set
+    (True = masked). Row 0 masks everything, row 2^L - 1 nothing; S u {i} always has a larger index than S."""
+    s = torch.arange(2 ** length, device=device)[:, None]
+    return (s >> torch.arange(length, device=device)) & 1 == 0
+
+
+@torch.no_grad()
+def subset_logps(model, batch):
+    """log pi(o_i | x_S) for every row, every revealed set S and every position i: (N, 2^L, L) float64
+    (meaningful where i is not in S). One batched forward of N * 2^L rows through maskgrpo.masked_logps."""
+    N, L = batch.completion.shape
+    if L > MAX_EXACT_LENGTH:
+        raise ValueError(f"completion length {L} > {MAX_EXACT_LENGTH}: 2^L states per completion is too many")
+    if not batch.scored.all():
+        raise ValueError("exact likelihoods need fixed-length completions (every completion token scored)")
+    states = subset_masks(L, batch.sequences.device)  # (2^L, L)
+    rows = batch.rows(torch.arange(N, device=states.device).repeat_interleave(len(states)))
+    mask = torch.zeros_like(rows.sequences, dtype=torch.bool)  # (N * 2^L, T), the prompt stays visible
+    mask[:, batch.positions] = states.repeat(N, 1)
+    return masked_logps(model, rows, mask).double().view(N, len(states), L)
+
+
+def exact_from_table(lp):
+    """The exact quantities from the table lp (N, 2^L, L) of subset_logps. Returns dict of (N,) float64:
+    any_order (log P(o) under the random-order sampler), left_to_right (log P_LR(o)) and elbo."""
+    N, num_states, L = lp.shape
+    # P({}) = 1;  P(S u {i}) += P(S) * 1/(L - |S|) * pi(o_i | x_S), in log space, S in increasing index order
+    log_p = lp.new_full((N, num_states), -math.inf)
+    log_p[:, 0] = 0.0
+    for s in range(num_states - 1):
+        k = s.bit_count()  # |S|
+        for i in range(L):
+            if not s >> i & 1:
+                log_p[:, s | 1 << i] = torch.logaddexp(log_p[:, s | 1 << i], log_p[:, s] + lp[:, s, i] - math.log(L - k))
+    # left to right: S_k = {0, .., k-1} has index 2^k - 1
+    left_to_right = sum(lp[:, 2 ** k - 1, k] for k in range(L))
+    # ELBO = sum_S 1/C(L,|S|) * 1/(L-|S|) * sum_{i not in S} log pi(o_i | x_S)
+    masked = subset_masks(L, lp.device)  # (2^L, L)
+    revealed = L - masked.sum(1)  # |S|
+    weight = torch.tensor([1 / (math.comb(L, k) * (L - k)) if k < L else 0.0 for k in revealed.tolist()],
+                          dtype=lp.dtype, device=lp.device)
+    elbo = ((lp * masked).sum(-1) * weight).sum(-1)
+    return dict(any_order=log_p[:, -1], left_to_right=left_to_right, elbo=elbo)
+
+
+def exact_logprobs(model, batch):
+    """log P(o | p) of every completion of `batch` (maskgrpo.Completions) under the random-order
+    sampler, plus left_to_right and elbo: dict of (N,) float64."""
+    return exact_from_table(subset_logps(model, batch))
+
+
+def single_completion(prompt_ids, completion_ids, columns=None):
+    """A Completions of one row: prompt_ids (P,), completion_ids (L,), no padding."""
+    seq = torch.cat([prompt_ids, completion_ids])[None]  # (1, P + L)
+    P = prompt_ids.shape[0]
+    return Completions(seq, torch.ones_like(seq, dtype=torch.bool), slice(P, seq.shape[1]),
+                       torch.ones_like(completion_ids, dtype=torch.bool)[None], columns)
+
+
+def exact_logprob(model, prompt_ids, completion_ids, columns=None):
+    """log P(completion | prompt) under the random-order sampler, one sequence: a float (float64 DP)."""
+    return float(exact_logprobs(model, single_completion(prompt_ids, completion_ids, columns))["any_order"][0])
+
+
+def all_completions(num_tokens, length):
+    """Every sequence of `length` tokens from 0..num_tokens-1, in lexicographic order: (num_tokens^length, length)."""
+    return torch.tensor(list(itertools.product(range(num_tokens), repeat=length)), dtype=torch.long)
+
+
+def completion_distribution(model, prompt_ids, length, columns):
+    """The exact distribution of the random-order sampler over all completions of one prompt (P,):
+    (tokens (C, L) token ids in lexicographic order, probabilities (C,) float64), C = |columns|^L."""
+    tokens = all_completions(columns.stop - columns.start, length) + columns.start
+    seq = torch.cat([prompt_ids.expand(len(tokens), -1), tokens], 1)  # (C, P + L)
+    ones = torch.ones_like(seq, dtype=torch.bool)
+    batch = Completions(seq, ones, slice(len(prompt_ids), seq.shape[1]), ones[:, len(prompt_ids):], columns)
+    return tokens, exact_logprobs(model, batch)["any_order"].exp()
+
+
+def total_variation(completions, tokens, probs):
+    """0.5 * sum_o |empirical(o) - P(o)| for sampled completions (n, L) against completion_distribution's
+    (tokens, probs). Expects tokens in lexicographic order over a contiguous id range."""
+    K, L = int(tokens.max() - tokens.min() + 1), tokens.shape[1]
+    code = ((completions - tokens.min()) * K ** torch.arange(L - 1, -1, -1)).sum(1)  # row index in tokens
+    freq = torch.bincount(code, minlength=len(tokens)).double() / len(completions)
+    return float(0.5 * (freq - probs).abs().sum())
+
+
+def toy_completions(model, num_prompts, group_size, generator):
+    """num_prompts toy prompts x group_size completions each, sampled from `model` with the
+    random-order sampler, as maskgrpo.Completions over the content columns."""
+    prompts = toy_sequences(num_prompts, generator)[:, :PROMPT_LEN].repeat_interleave(group_size, 0)
+    seq = sample_random_order(model, prompts, COMPLETION_LEN, generator, COLUMNS)
+    batch = text_completions(seq, torch.ones_like(prompts, dtype=torch.bool), EOS_ID)
+    return replace(batch, columns=COLUMNS)
+
+
+# -----------------------------------------------------------------------------
+# Estimators of Delta = log pi_theta(o) - log pi_old(o)
+
+
+@dataclass(frozen=True)
+class Estimator:
+    name: str
+    kind: str  # "maskgrpo" (draw_mask on the ratio schedule), "d1" (draw_mask, t = 1) or "elbo" (t ~ U(eps, 1])
+    remasking: str = "arlike"  # Rev for kind "maskgrpo": "arlike" or "random"
+    inverse_ratio_weight: bool = False  # multiply by 1/t
+
+
+ESTIMATORS = (
+    Estimator("MaskGRPO AR-like Rev (official code)", "maskgrpo", "arlike"),
+    Estimator("MaskGRPO AR-like Rev x 1/t (paper)", "maskgrpo", "arlike", True),
+    Estimator("MaskGRPO random Rev", "maskgrpo", "random"),
+    Estimator("MaskGRPO random Rev x 1/t", "maskgrpo", "random", True),
+    Estimator("d1 one-step (t = 1, prompt masked w.p. 0.15)", "d1"),
+    Estimator("ELBO check: random, t ~ U(0,1], x 1/t", "elbo", "random", True),
+)
+
+
+@torch.no_grad()
+def log_ratio_estimate(new, old, batch, mask, weight=1.0):
+    """Delta_hat = weight * sum over completion tokens masked by M of [log pi_new(o_k | o masked by M)
+    - log pi_old(o_k | o masked by M)], both policies on the same mask (N, T). weight: float or (N,).
+    Returns (N,) float64."""
+    m = mask[:, batch.positions] & batch.scored  # (N, L)
+    diff = masked_logps(new, batch, mask).double() - masked_logps(old, batch, mask).double()  # (N, L)
+    return (diff * m).sum(1) * weight
+
+
+@torch.no_grad()
+def mask_draws(new, old, batch, kind, remasking, *, draws, num_iterations, min_mask_rate, p_mask_prompt, generator,
+               eps=1e-3):
+    """Unweighted Delta_hat (w = 1) for `draws` independent masks per completion and inner iteration, and
+    the mask level t of each draw: two (N, J, D) float64 tensors. J = num_iterations ratios r_j for
+    kind "maskgrpo"; J = 1 for "d1" (t = 1) and "elbo" (t ~ U(eps, 1] per draw)."""
+    N = batch.sequences.shape[0]
+    rows = batch.rows(torch.arange(N, device=batch.sequences.device).repeat_interleave(draws))  # row i*D + d
+    cfg = GRPOConfig(num_iterations=num_iterations, min_mask_rate=min_mask_rate, p_mask_prompt=p_mask_prompt,
+                     remasking=remasking, estimator="d1" if kind == "d1" else "maskgrpo")
+    raw, levels = [], []
+    for j in range(num_iterations if kind == "maskgrpo" else 1):
+        if kind == "elbo":
+            # t ~ U(eps, 1] per draw, each completion token masked w.p. t (maskgrpo.elbo_loss's masking)
+            t = eps + (1 - eps) * (1 - torch.rand(N * draws, generator=generator, dtype=torch.float64))
+            mask = torch.zeros_like(rows.sequences, dtype=torch.bool)
+            mask[:, batch.positions] = forward_mask(rows.completion, t, rows.scored, generator)
+        else:
+            t = torch.full((N * draws,), mask_ratio(j, num_iterations, min_mask_rate) if kind == "maskgrpo" else 1.0,
+                           dtype=torch.float64)
+            mask = draw_mask(rows, cfg, j, generator)  # (N * D, T)
+        raw.append(log_ratio_estimate(new, old, rows, mask).view(N, draws))
+        levels.append(t.view(N, draws))
+    return torch.stack(raw, 1), torch.stack(levels, 1)
+
+
+def estimator_samples(new, old, batch, estimator, *, draws, num_iterations=4, min_mask_rate=0.6, p_mask_prompt=0.15,
+                      generator):
+    """Delta_hat of `estimator` for `draws` masks per completion (and per ratio r_j): (N, J, D) float64."""
+    raw, t = mask_draws(new, old, batch, estimator.kind, estimator.remasking, draws=draws, num_iterations=num_iterations,
+                        min_mask_rate=min_mask_rate, p_mask_prompt=p_mask_prompt, generator=generator)
+    return raw / t if estimator.inverse_ratio_weight else raw
+
+
+def _corr(a, b):
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.pow(2).sum() * b.pow(2).sum()).sqrt()
+    return float((a * b).sum() / denom) if denom > 0 else math.nan
+
+
+def summarise(exact_delta, samples):
+    """Statistics of the estimates samples (N, D) against the exact Delta (N,) (see the module docstring)."""
+    err = samples - exact_delta[:, None]
+    avg = samples.mean(1)
+    dev = exact_delta - exact_delta.mean()
+    slope = float((avg - avg.mean()) @ dev / (dev @ dev)) if float(dev @ dev) > 0 else math.nan
+    return dict(mean=float(samples.mean()), bias=float(err.mean()), slope=slope,
+                std_completions=float(avg.std()) if len(avg) > 1 else 0.0,
+                std_masks=float(samples.var(1, correction=0).mean().sqrt()), rmse=float(err.pow(2).mean().sqrt()),
+                corr_1mask=_corr(samples.flatten(), exact_delta[:, None].expand_as(samples).flatten()),
+                corr_avg=_corr(avg, exact_delta),
+                sign_agree=float((torch.sign(samples) == torch.sign(exact_delta)[:, None]).double().mean()))
+
+
+COLUMN_TITLES = dict(name="estimator", t="t", mean="mean", bias="bias", slope="slope", std_completions="std over completions",
+                     std_masks="std over masks", rmse="RMSE", corr_1mask="corr (1 mask)", corr_avg="corr (mask avg)",
+                     sign_agree="sign agree")
+
+
+def to_markdown(rows):
+    head = "| " + " | ".join(COLUMN_TITLES.values()) + " |"
+    lines = [head, "|" + "---|" * len(COLUMN_TITLES)]
+    for row in rows:
+        cells = [row["name"], row["t"]] + [f"{row[k]:+.3f}" if k in ("mean", "bias") else f"{row[k]:.3f}"
+                                           for k in list(COLUMN_TITLES)[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_ratio_markdown(rows):
+    """The per-ratio statistics of the MaskGRPO rows: one line per (estimator, r_j)."""
+    keys = ("bias", "slope", "std_masks", "corr_1mask", "sign_agree")
+    lines = ["| estimator | r_j | " + " | ".join(COLUMN_TITLES[k] for k in keys) + " |", "|" + "---|" * (len(keys) + 2)]
+    for row in rows:
+        for p in row.get("per_ratio", []):
+            cells = [f"{p[k]:+.3f}" if k == "bias" else f"{p[k]:.3f}" for k in keys]
+            lines.append(f"| {row['name']} | {p['ratio']:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def estimator_table(new, old, batch, *, generator, draws=32, num_iterations=4, min_mask_rate=0.6,
+                    p_mask_prompt=0.15, estimators=ESTIMATORS):
+    """Compare every estimator with the exact Delta_i = log pi_new(o_i) - log pi_old(o_i) on the
+    completions of `batch`. Returns (rows, markdown). Each row: name, t (mask levels, text), the
+    statistics of `summarise`, exact (N,) and samples (N, J*D) numpy arrays for plotting, and for
+    "maskgrpo" estimators per_ratio: [dict(ratio, **summarise)] for each r_j."""
+    exact_new, exact_old = exact_logprobs(new, batch), exact_logprobs(old, batch)
+    delta = exact_new["any_order"] - exact_old["any_order"]  # (N,)
+    rows = []
+    for name, key in (("exact log P, any order (the truth)", "any_order"),
+                      ("exact ELBO = E_order log P_order", "elbo"),
+                      ("exact left-to-right log P", "left_to_right")):
+        d = (exact_new[key] - exact_old[key])[:, None]  # (N, 1): no mask to draw
+        rows.append(dict(name=name, t="-", exact=delta.numpy(), samples=d.numpy()) | summarise(delta, d))
+    draws_of = {}  # the weighted and unweighted variants share their masks (a paired comparison)
+    for est in estimators:
+        key = (est.kind, est.remasking)
+        if key not in draws_of:
+            draws_of[key] = mask_draws(new, old, batch, est.kind, est.remasking, draws=draws,
+                                       num_iterations=num_iterations, min_mask_rate=min_mask_rate,
+                                       p_mask_prompt=p_mask_prompt, generator=generator)
+        raw, t = draws_of[key]
+        s = raw / t if est.inverse_ratio_weight else raw  # (N, J, D)
+        ratios = t[0, :, 0].tolist()
+        levels = {"maskgrpo": f"{ratios[0]:.2f}-{ratios[-1]:.3g}", "d1": "1", "elbo": "U(0,1]"}[est.kind]
+        row = dict(name=est.name, t=levels, exact=delta.numpy(), samples=s.flatten(1).numpy()) | summarise(delta, s.flatten(1))
+        if est.kind == "maskgrpo":
+            row["per_ratio"] = [dict(ratio=r) | summarise(delta, s[:, j]) for j, r in enumerate(ratios)]
+        rows.append(row)
+    return rows, to_markdown(rows)
+
+
+def plot_estimators(rows, path):
+    """One scatter panel per estimator (single draws light, mask averages dark, the line y = x) and,
+    for the MaskGRPO rows, slope, std over masks and corr (1 mask) against the ratio r_j."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    est_rows = [r for r in rows if r["t"] != "-"]
+    ratio_rows = [r for r in rows if "per_ratio" in r]
+    per_ratio_panels = (("slope", "slope of the mask average on the exact log-ratio"),
+                        ("std_masks", "std over masks"), ("corr_1mask", "corr (1 mask) with the exact log-ratio"))
+    ncols = 3
+    nrows = math.ceil((len(est_rows) + len(per_ratio_panels)) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.6 * nrows), squeeze=False)
+    axes = axes.flatten()
+    gen = np.random.default_rng(0)
+    for ax, row in zip(axes, est_rows, strict=False):
+        x, s = row["exact"], row["samples"]
+        keep = gen.permutation(s.shape[1])[:16]  # at most 16 single draws per completion
+        ax.scatter(np.repeat(x, len(keep)), s[:, keep].flatten(), s=4, alpha=0.15, color="tab:blue", label="1 mask")
+        ax.scatter(x, s.mean(1), s=14, color="tab:red", label="mask average")
+        lo, hi = x.min(), x.max()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
+        ax.set_title(f"{row['name']}\nslope {row['slope']:.2f}, corr {row['corr_1mask']:.2f} (1 mask), "
+                     f"{row['corr_avg']:.2f} (avg)", fontsize=8)
+        ax.set_xlabel("exact log-ratio", fontsize=8)
+        ax.set_ylabel("estimate", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7)
+    for ax, (key, title) in zip(axes[len(est_rows):], per_ratio_panels, strict=False):
+        for row in ratio_rows:
+            ax.plot([p["ratio"] for p in row["per_ratio"]], [p[key] for p in row["per_ratio"]], marker="o", label=row["name"])
+        ax.set_title(f"per ratio r_j: {title}", fontsize=8)
+        ax.set_xlabel("mask ratio r_j", fontsize=8)
+        ax.tick_params(labelsize=7)
+    if ratio_rows:
+        axes[len(est_rows)].legend(fontsize=6)
+    for ax in axes[len(est_rows) + len(per_ratio_panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=150, help="SFT steps that make pi_old")
+    parser.add_argument("--shift-steps", type=int, default=10, help="extra SFT steps that make pi_theta")
+    parser.add_argument("--shift-lr", type=float, default=1e-3, help="learning rate of those steps (the step size)")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--draws", type=int, default=32, help="mask draws per completion (per ratio)")
+    parser.add_argument("--mu", type=int, default=4, help="num_iterations: ratios r_0..r_{mu-1}")
+    parser.add_argument("--gamma", type=float, default=0.6, help="min_mask_rate")
+    parser.add_argument("--sampler-samples", type=int, default=2000, help="samples per sampler for the TV check")
+    parser.add_argument("--out", default="runs/exact")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(1)  # the model is tiny: more threads only add overhead (and fight other processes)
+    old, new = make_policies(args.seed, args.pretrain_steps, shift_steps=args.shift_steps, shift_lr=args.shift_lr)
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    batch = toy_completions(old, args.prompts, args.group, generator)
+    rows, markdown = estimator_table(new, old, batch, generator=generator, draws=args.draws,
+                                     num_iterations=args.mu, min_mask_rate=args.gamma)
+    exact_old = exact_logprobs(old, batch)
+    delta = rows[0]["exact"]
+    print(f"{len(delta)} completions ({args.prompts} prompts x {args.group}) sampled from pi_old by the random-order "
+          f"sampler, L = {COMPLETION_LEN}, K = {NUM_TOKENS}; pi_theta = pi_old + {args.shift_steps} SFT steps at "
+          f"lr {args.shift_lr:g}.")
+    print(f"log pi_old(o): mean {float(exact_old['any_order'].mean()):.3f}; exact log-ratio: mean {delta.mean():+.3f}, "
+          f"std {delta.std(ddof=1):.3f}, range [{delta.min():+.3f}, {delta.max():+.3f}]; "
+          f"{args.draws} masks per completion per ratio, mu = {args.mu}, gamma = {args.gamma}.\n")
+    print(markdown)
+    ratios_markdown = per_ratio_markdown(rows)
+    print("\nPer ratio (the MaskGRPO rows above, split by inner iteration j):\n\n" + ratios_markdown)
+    # the exact P is the random-order sampler's marginal, and MDLM's ancestral ("emerge") sampler approaches it
+    prompt = batch.sequences[0, :PROMPT_LEN]
+    tokens, probs = completion_distribution(old, prompt, COMPLETION_LEN, COLUMNS)
+    canvas = torch.cat([prompt, prompt.new_full((COMPLETION_LEN,), MASK_ID)]).expand(args.sampler_samples, -1)
+    sampled = sample_random_order(old, canvas[:, :PROMPT_LEN], COMPLETION_LEN, generator, COLUMNS)[:, PROMPT_LEN:]
+    tv = [f"one per step (random order) {total_variation(sampled, tokens, probs):.3f}"]
+    positions = slice(PROMPT_LEN, PROMPT_LEN + COMPLETION_LEN)
+    for steps in (1, 4, 16, 64):
+        emerge = generate_image(old, canvas.clone(), positions=positions, columns=COLUMNS, steps=steps, mask_id=MASK_ID,
+                                generator=generator)[:, positions]
+        tv.append(f"emerge T={steps} {total_variation(emerge, tokens, probs):.3f}")
+    print(f"\nTV distance to the exact P of prompt {prompt.tolist()}, {args.sampler_samples} samples each: " + ", ".join(tv))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(markdown + "\n\n" + ratios_markdown + "\n")
+    plot_estimators(rows, out / "estimators.png")
+    print(f"\nwrote {out / 'table.md'} and {out / 'estimators.png'}")
+
+
+if __name__ == "__main__":
+    main()
