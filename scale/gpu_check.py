@@ -286,7 +286,7 @@ def derived_step_estimate(results, mu=12, rows_per_gpu=12, G=6):
         k = rows_per_gpu / G
         rollout = k * results["rollout_text"]["extrapolated_seconds_128_steps"]
         scoring = 2 * mu * k * results["score_logps"]["seconds_per_pass"]
-        updates = mu * k * results["update_lora_ac"]["seconds"]
+        updates = mu * k * results["update_lora_ac"]["steady_seconds"]
     except (KeyError, TypeError):
         return None
     return dict(rollout_s=round(rollout, 1), scoring_s=round(scoring, 1), updates_s=round(updates, 1),
