@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up .venv on first use (scripts/setup.sh).
-.PHONY: setup toy test bench
+.PHONY: setup toy test bench notebook
 PY := .venv/bin/python
 
 setup:
@@ -13,3 +13,6 @@ test: setup           ## the test suite (what CI runs)
 
 bench: setup          ## speed figures as JSON
 	$(PY) bench.py
+
+notebook: setup      ## execute tutorial.ipynb; the executed copy goes to runs/tutorial.ipynb
+	$(PY) scripts/run_notebook.py

@@ -1,0 +1,150 @@
+"""The arithmetic toy: task encodings and reward, a seconds-long run that learns, exact resume, CLI errors."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from toy import arithmetic
+from toy.arithmetic import VOCAB, Config, add, score, write_trace
+from toy.common import ConfigError, load_checkpoint, parse_config, run_cli
+
+# A config that runs in seconds: 2-term problems over 0..4, a very small model, short SFT and GRPO.
+TINY = dict(num_terms=2, max_operand=4, heldout_size=5, carry_drop=0.8, d_model=32, n_layers=2, n_heads=2,
+            mlp_hidden_size=64, sft_steps=120, sft_batch_size=32, sft_learning_rate=3e-3, sft_warmup=5,
+            prompts_per_step=8, num_generations=8, num_iterations=2, max_completion_length=8, block_length=4,
+            diffusion_steps=4, learning_rate=5e-4, weight_decay=0.0, max_grad_norm=1.0, eval_every=2, ckpt_every=2,
+            show_mistakes=1, progress=False, threads=1)
+
+
+def tiny(tmp_path, **overrides):
+    return Config(**TINY | dict(out_root=str(tmp_path)) | overrides)
+
+
+# -----------------------------------------------------------------------------
+# Task
+
+
+def test_traces_match_the_docstring():
+    assert write_trace([17, 25, 8]) == "17+25=42,42+8=50#50"
+    assert write_trace([3, 4, 5]) == "3+4=7,7+5=12#12"
+    assert write_trace([7, 5, 9], carry=False) == "7+5=2,2+9=1#1"
+    assert add(17, 8, carry=False) == 15 and add(7, 5, carry=False) == 2 and add(12, 9, carry=False) == 11
+    assert VOCAB.encode("3+4+5=") == [3, 10, 4, 10, 5, 11]
+    assert (VOCAB.eos_id, VOCAB.pad_id, VOCAB.mask_id, VOCAB.size) == (14, 15, 16, 17)
+    assert VOCAB.decode(VOCAB.encode("3+4=7#7") + [VOCAB.eos_id, 3]) == "3+4=7#7"
+
+
+def test_reward_is_answer_plus_format():
+    texts = ["3+4=7,7+5=12#12", "3+4=7,7+5=11#11", "#12", "3+4=7,7+5=12#012", "3+4=7#12", ""]
+    rewards, correct = score(texts, ["12"] * 6, num_terms=3, format_reward=0.1)
+    assert rewards.tolist() == pytest.approx([1.1, 0.1, 1.0, 0.1, 1.0, 0.0])
+    assert correct.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_data_split_is_seeded_and_disjoint():
+    cfg = Config(heldout_size=200)
+    train, heldout = arithmetic.make_data(cfg)
+    again, _ = arithmetic.make_data(cfg)
+    assert train.terms == again.terms and len(train.terms) + len(heldout.terms) == 1000
+    assert not {tuple(t) for t in train.terms} & {tuple(t) for t in heldout.terms}
+    assert train.prompt_ids.shape == (800, 6) and train.clean.shape == (800, cfg.max_completion_length)
+    assert (train.clean[:, -1] == VOCAB.eos_id).all() and train.prompt_mask.all()  # canvas ends in EOS; no padding
+    other, _ = arithmetic.make_data(dataclasses.replace(cfg, data_seed=1))
+    assert other.terms != train.terms
+    # two-digit operands: prompts of different lengths are left-padded with PAD, which is not MASK
+    train2, _ = arithmetic.make_data(Config(max_operand=12, heldout_size=10, max_completion_length=30, block_length=5,
+                                            diffusion_steps=30))
+    assert (~train2.prompt_mask).any() and (train2.prompt_ids[~train2.prompt_mask] == VOCAB.pad_id).all()
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+def test_smoke_run_learns_and_moves_every_parameter(tmp_path):
+    cfg = tiny(tmp_path, grpo_steps=12)
+    summary = arithmetic.main(cfg)
+    records = [r for r in load_checkpoint(os.path.join(tmp_path, "maskgrpo", "ckpt.pt"))["records"] if "reward_mean" in r]
+    first, last = records[:4], records[-4:]
+    assert sum(r["reward_mean"] for r in last) > sum(r["reward_mean"] for r in first) + 0.2  # mean reward up >= 0.05
+    assert summary["steps"] == 12 and os.path.exists(os.path.join(tmp_path, "maskgrpo", "curves.png"))
+    # every trainable parameter moved away from the SFT model during GRPO
+    train, _ = arithmetic.make_data(cfg)
+    sft_model, info = arithmetic.load_or_train_sft(cfg, train)
+    assert info["cached"]
+    final = load_checkpoint(os.path.join(tmp_path, "maskgrpo", "ckpt.pt"))["model"]
+    unchanged = [name for name, p in sft_model.named_parameters() if torch.equal(p, final[name])]
+    assert not unchanged
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    straight = arithmetic.main(tiny(tmp_path, grpo_steps=4, run_name="straight"))
+    arithmetic.main(tiny(tmp_path, grpo_steps=2, run_name="resumed"))
+    resumed = arithmetic.main(tiny(tmp_path, grpo_steps=4, run_name="resumed"))
+    a, b = (load_checkpoint(os.path.join(tmp_path, name, "ckpt.pt")) for name in ("straight", "resumed"))
+
+    def numbers(records):
+        return [{k: v for k, v in r.items() if k not in ("time", "load1")} for r in records]
+
+    assert numbers(a["records"]) == numbers(b["records"]) and len(a["records"]) == 4 + 3  # 4 steps, evals at 0, 2, 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["generators"][k], b["generators"][k]) for k in a["generators"])
+    assert straight["final_acc"] == resumed["final_acc"]
+    # a checkpoint written with other settings is refused rather than silently mixed
+    with pytest.raises(ConfigError, match="learning_rate"):
+        arithmetic.main(tiny(tmp_path, grpo_steps=6, run_name="resumed", learning_rate=1e-4))
+
+
+def test_ablation_writes_table_and_plot(tmp_path):
+    from toy import ablation
+
+    cfg = ablation.AblationConfig(**TINY | dict(out_root=str(tmp_path), arms="d1,unshared", seeds=2, grpo_steps=2))
+    summaries = ablation.main(cfg)
+    assert list(summaries) == ["d1", "unshared"]
+    table = (tmp_path / "ablation" / "table.md").read_text()
+    assert "| d1 |" in table and "| unshared |" in table
+    assert (tmp_path / "ablation" / "ablation.png").exists()
+    with pytest.raises(ValueError, match="unknown arms"):
+        ablation.AblationConfig(arms="d1,nope")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no_such_key=3"], ["no_such_key", "3"]),
+    (["--sft_steps=abc"], ["sft_steps", "abc", "int"]),
+    (["--shared_masks=maybe"], ["shared_masks", "maybe", "bool"]),
+    (["--carry_drop=2"], ["carry_drop", "2"]),
+    (["--estimator=d2"], ["estimator", "d2"]),
+    (["sft_steps=3"], ["sft_steps=3", "--key=value"]),
+])
+def test_bad_cli_input_names_key_and_value(argv, words):
+    with pytest.raises(ConfigError) as info:
+        parse_config(Config, argv)
+    assert all(w in str(info.value) for w in words), str(info.value)
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda cfg: pytest.fail("main must not run"), Config, argv, prog="arithmetic.py")
+    assert str(info.value).startswith("arithmetic.py: error:")
+
+
+def test_cli_parses_types_and_prints_help(capsys):
+    cfg = parse_config(Config, ["--sft_steps=7", "--beta=0", "--shared_masks=false", "--remasking=random"])
+    assert (cfg.sft_steps, cfg.beta, cfg.shared_masks, cfg.remasking) == (7, 0.0, False, "random")
+    with pytest.raises(SystemExit) as info:
+        parse_config(Config, ["-h"], prog="arithmetic.py")
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    assert "--min_mask_rate=0.6" in text and "gamma, truncation" in text and "  GRPO" in text
+
+
+def test_cli_process_exits_cleanly_on_bad_input():
+    script = os.path.join(os.path.dirname(arithmetic.__file__), "arithmetic.py")
+    proc = subprocess.run([sys.executable, script, "--learning_rate=fast"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "learning_rate" in proc.stderr and "fast" in proc.stderr

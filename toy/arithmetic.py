@@ -1,0 +1,458 @@
+"""Multi-step arithmetic: the CPU stand-in for GSM8K with LLaDA.
+
+    python toy/arithmetic.py                      # SFT (cached) then MaskGRPO, ~10 min on 2 cores
+    python toy/arithmetic.py -h                   # every setting, its default and what it means
+    python toy/arithmetic.py --grpo_steps=20 --run_name=short
+
+A tiny LLaDA-shaped MaskedDiffusionLM learns to add three single-digit numbers by writing a short
+reasoning trace whose later steps depend on earlier ones, then MaskGRPO improves it against a
+verifiable reward, as MaskGRPO does for LLaDA-8B on GSM8K:
+
+    1. SFT with the ELBO loss (maskgrpo.elbo_loss) on a deliberately noisy teacher: in
+       `carry_drop` (half) of the training traces every addition forgets its carry (7+5 -> 2,
+       17+8 -> 15). The SFT model learns the format and the digit sums, but whether it carries is
+       a coin flip it has no reason to resolve: greedy decoding gets only part of the carry
+       problems right, while rollouts at temperature 0.9 carry often enough for GRPO to find out
+       that carrying is rewarded. The SFT checkpoint is cached.
+    2. MaskGRPO (maskgrpo.grpo_step): block semi-AR rollouts on a fixed completion canvas padded with
+       EOS, G completions per prompt, mu inner updates on AR-like re-masks at the rising ratios
+       r_j = gamma + (1 - gamma)(j + 1)/mu, reward = correct final answer + a small format bonus.
+    3. Greedy (temperature 0) exact match of the final answer on held-out problems, before and during RL.
+
+Encodings (vocabulary "0123456789+=,#", then EOS, PAD, MASK; one token per character):
+
+    problem   prompt (6 tokens)   completion canvas (max_completion_length = 20 tokens)
+    3+4+5     3+4+5=              3+4=7,7+5=12#12........      (. = EOS, pads the canvas)
+    7+5+9     7+5+9=              7+5=12,12+9=21#21...         correct teacher
+    7+5+9     7+5+9=              7+5=2,2+9=1#1........        noisy teacher: carries dropped
+    0+0+0     0+0+0=              0+0=0,0+0=0#0........
+
+    token ids: '0'..'9' -> 0..9, '+' 10, '=' 11, ',' 12, '#' 13, EOS 14, PAD 15, MASK 16
+    "3+4+5=" -> [3, 10, 4, 10, 5, 11]
+
+The model is LLaDA's architecture at 0.22 M parameters, with one departure: RoPE base 100 instead
+of 500000 (with LLaDA's base, sequences of ~26 tokens are nearly position-blind and the model
+struggles even to copy the operands). With more digits (--max_operand=99) prompts differ in length
+and are left-padded with PAD (never attended). Data: all (max_operand + 1)^num_terms problems, shuffled by `data_seed`; the first
+`heldout_size` are held out, the rest are the train split (SFT and RL prompts).
+
+Reward of a completion (its text up to the first EOS):
+    1.0  if the number after the final '#' equals the true sum (exact string match, no leading zeros)
+  + format_reward (0.1) if the text is a well-formed trace: num_terms - 1 steps "x+y=z" joined by ','
+       then "#answer" (arithmetic inside the steps is not checked).
+
+Outputs in runs/arithmetic/<run_name>/: metrics.json, curves.png (held-out accuracy and mean reward
+against step and wall time), ckpt.pt (model, optimiser, generator states, step, metrics; rerunning the
+same command resumes it exactly). The SFT model is cached in runs/arithmetic/sft-<hash>.pt.
+"""
+
+import copy
+import dataclasses
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+import maskgrpo
+from toy.common import (
+    Clock,
+    ConfigError,
+    config_hash,
+    generator_states,
+    load_checkpoint,
+    make_generators,
+    plot_curves,
+    restore_generators,
+    run_cli,
+    save_checkpoint,
+    set_threads,
+    subconfig,
+    write_json,
+)
+
+# -----------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class Config:
+    # task
+    num_terms: int = 3  # numbers added per problem (the trace has num_terms - 1 steps)
+    max_operand: int = 9  # operands are 0..max_operand
+    heldout_size: int = 200  # problems held out for evaluation (the rest are train)
+    carry_drop: float = 0.5  # noisy SFT teacher: fraction of traces written without any carries
+    format_reward: float = 0.1  # reward bonus for a well-formed trace (a correct answer gives 1.0)
+    data_seed: int = 0  # shuffles the train / held-out split
+    # model (LLaDA architecture, maskgrpo.ModelConfig)
+    d_model: int = 64  # hidden width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads
+    mlp_hidden_size: int = 192  # SwiGLU inner width
+    rope_theta: float = 100.0  # RoPE base (LLaDA's 500000 leaves ~26-token sequences almost position-blind)
+    init_seed: int = 0  # parameter initialisation
+    # SFT (ELBO loss; the result is cached by a hash of the task, model and SFT settings)
+    sft_steps: int = 600  # optimiser steps
+    sft_batch_size: int = 256  # sequences per step
+    sft_learning_rate: float = 3e-3  # AdamW peak lr (linear warm-up, cosine decay to 10%)
+    sft_warmup: int = 50  # warm-up steps
+    sft_seed: int = 0  # SFT batches and ELBO masks
+    # GRPO (names as maskgrpo.GRPOConfig)
+    grpo_steps: int = 100  # rollout batches (each followed by num_iterations updates)
+    prompts_per_step: int = 16  # prompts per rollout batch
+    num_generations: int = 8  # G, completions per prompt
+    num_iterations: int = 4  # mu, inner updates per rollout batch, one mask ratio each
+    min_mask_rate: float = 0.6  # gamma, truncation of the rising mask-ratio schedule
+    remasking: str = "arlike"  # Rev: "arlike" (fading-out) or "random"
+    estimator: str = "maskgrpo"  # "maskgrpo" or "d1" (diffu-GRPO one-step baseline)
+    shared_masks: bool = True  # old / reference / current policy scored on the same mask
+    epsilon: float = 0.2  # PPO clip range
+    beta: float = 0.01  # k3 KL weight against the SFT model
+    learning_rate: float = 3e-5  # AdamW lr (constant)
+    weight_decay: float = 0.1  # AdamW weight decay
+    max_grad_norm: float = 0.2  # gradient clipping
+    loss_type: str = "token"  # "token" or "sequence" normalisation
+    scale_rewards: bool = True  # divide advantages by the group std
+    temperature: float = 0.9  # rollout temperature (evaluation is greedy)
+    max_completion_length: int = 20  # L, the completion canvas, padded with EOS
+    block_length: int = 5  # semi-AR block size
+    diffusion_steps: int = 20  # sampler steps per completion (rollouts and evaluation)
+    micro_batch_size: int = 128  # rows per forward / backward
+    seed: int = 0  # prompt sampling, rollouts and GRPO masks
+    # run
+    eval_every: int = 10  # GRPO steps between held-out evaluations
+    show_mistakes: int = 3  # wrong held-out answers printed at each evaluation
+    ckpt_every: int = 10  # GRPO steps between checkpoints
+    out_root: str = "runs/arithmetic"  # SFT cache and run folders
+    run_name: str = "maskgrpo"  # this run's folder inside out_root
+    resume: bool = True  # continue from out_root/run_name/ckpt.pt when it exists
+    threads: int = 2  # torch intra-op threads (capped at the cores available)
+    device: str = "cpu"  # torch device; the toy targets "cpu" ("cuda" works, for quick sweeps)
+    progress: bool = True  # tqdm bars
+
+    def __post_init__(self):
+        for name in ("num_terms", "max_operand", "heldout_size", "sft_batch_size", "prompts_per_step",
+                     "eval_every", "ckpt_every", "threads", "d_model"):
+            if getattr(self, name) < (2 if name == "num_terms" else 1):
+                raise ValueError(f"{name} must be >= {2 if name == 'num_terms' else 1}, got {getattr(self, name)}")
+        for name in ("sft_steps", "grpo_steps", "sft_warmup", "show_mistakes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.carry_drop <= 1:
+            raise ValueError(f"carry_drop must be in [0, 1], got {self.carry_drop}")
+        if self.heldout_size >= (self.max_operand + 1) ** self.num_terms:
+            raise ValueError(f"heldout_size={self.heldout_size} leaves no train problems "
+                             f"(there are {(self.max_operand + 1) ** self.num_terms})")
+        longest = len(write_trace([self.max_operand] * self.num_terms)) + 1  # + at least one EOS
+        if self.max_completion_length < longest:
+            raise ValueError(f"max_completion_length={self.max_completion_length} is shorter than the longest "
+                             f"trace plus EOS ({longest})")
+        subconfig(maskgrpo.GRPOConfig, self)  # validates the GRPO fields
+        maskgrpo.ModelConfig.tiny(VOCAB.size, VOCAB.mask_id, VOCAB.eos_id, **self.model_sizes())
+
+    def model_sizes(self):
+        return dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, mlp_hidden_size=self.mlp_hidden_size,
+                    rope_theta=self.rope_theta)
+
+    def grpo(self):
+        return subconfig(maskgrpo.GRPOConfig, self)
+
+
+# -----------------------------------------------------------------------------
+# Task: vocabulary, traces, data, reward
+
+
+class Vocab:
+    """One token per character of `symbols`, then the special tokens EOS, PAD and MASK."""
+
+    def __init__(self, symbols="0123456789+=,#"):
+        self.symbols = symbols
+        self.eos_id, self.pad_id, self.mask_id = len(symbols), len(symbols) + 1, len(symbols) + 2
+        self.size = len(symbols) + 3
+        self.shown = dict(enumerate(symbols)) | {self.eos_id: ".", self.pad_id: "", self.mask_id: "_"}
+
+    def encode(self, text):
+        return [self.symbols.index(c) for c in text]
+
+    def decode(self, ids):
+        """Text up to the first EOS (what the reward reads)."""
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return "".join(self.shown[i] for i in ids)
+
+
+VOCAB = Vocab()
+
+
+def add(x, y, carry=True):
+    """x + y, or column-wise addition that forgets every carry (the noisy teacher): 17 + 8 -> 15."""
+    if carry:
+        return x + y
+    out, place = 0, 1
+    while x or y:
+        out, x, y, place = out + (x % 10 + y % 10) % 10 * place, x // 10, y // 10, place * 10
+    return out
+
+
+def write_trace(terms, carry=True):
+    """[17, 25, 8] -> "17+25=42,42+8=50#50": a running sum, one step per remaining term, then the answer."""
+    steps, total = [], terms[0]
+    for t in terms[1:]:
+        new = add(total, t, carry)
+        steps.append(f"{total}+{t}={new}")
+        total = new
+    return ",".join(steps) + f"#{total}"
+
+
+def prompt_text(terms):
+    return "+".join(map(str, terms)) + "="
+
+
+@dataclass
+class Split:
+    """Problems of one split, encoded. N problems, prompt length P, completion canvas L."""
+
+    terms: list  # N lists of operands
+    answers: list  # N strings, the true sums
+    prompt_ids: torch.Tensor  # (N, P) left-padded with PAD
+    prompt_mask: torch.Tensor  # (N, P) bool, False on padding
+    clean: torch.Tensor  # (N, L) correct trace + EOS padding
+    noisy: torch.Tensor  # (N, L) carry-dropping trace + EOS padding
+
+    def to(self, device):
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
+
+
+def encode_split(problems, prompt_length, canvas, vocab=VOCAB):
+    def canvas_ids(text):
+        return vocab.encode(text) + [vocab.eos_id] * (canvas - len(text))
+
+    prompts = [vocab.encode(prompt_text(t)) for t in problems]
+    return Split(
+        terms=problems,
+        answers=[str(sum(t)) for t in problems],
+        prompt_ids=torch.tensor([[vocab.pad_id] * (prompt_length - len(p)) + p for p in prompts]),
+        prompt_mask=torch.tensor([[False] * (prompt_length - len(p)) + [True] * len(p) for p in prompts]),
+        clean=torch.tensor([canvas_ids(write_trace(t)) for t in problems]),
+        noisy=torch.tensor([canvas_ids(write_trace(t, carry=False)) for t in problems]),
+    )
+
+
+def make_data(cfg, vocab=VOCAB):
+    """All (max_operand + 1)^num_terms problems, shuffled by data_seed: (train, heldout)."""
+    base, n = cfg.max_operand + 1, cfg.num_terms
+    order = torch.randperm(base**n, generator=make_generators(cfg.data_seed, ["data"])["data"]).tolist()
+    problems = [[i // base ** (n - 1 - k) % base for k in range(n)] for i in order]
+    prompt_length = len(prompt_text([cfg.max_operand] * n))
+    heldout = encode_split(problems[: cfg.heldout_size], prompt_length, cfg.max_completion_length, vocab)
+    train = encode_split(problems[cfg.heldout_size:], prompt_length, cfg.max_completion_length, vocab)
+    return train.to(cfg.device), heldout.to(cfg.device)
+
+
+def trace_pattern(num_terms):
+    step = r"\d+\+\d+=\d+"
+    return re.compile(step + ("," + step) * (num_terms - 2) + r"#\d+")
+
+
+def score(texts, answers, num_terms, format_reward):
+    """Rewards (N,) and exact-match flags (N,) of decoded completions against the true answers."""
+    pattern = trace_pattern(num_terms)
+    correct = [(m := re.search(r"#(\d+)$", t)) is not None and m[1] == a for t, a in zip(texts, answers, strict=True)]
+    formed = [pattern.fullmatch(t) is not None for t in texts]
+    rewards = [float(c) + format_reward * f for c, f in zip(correct, formed, strict=True)]
+    return torch.tensor(rewards), torch.tensor(correct, dtype=torch.float)
+
+
+# -----------------------------------------------------------------------------
+# Model and SFT
+
+
+def build_model(cfg, generator, vocab=VOCAB):
+    mc = maskgrpo.ModelConfig.tiny(vocab.size, vocab.mask_id, vocab.eos_id, **cfg.model_sizes(), max_sequence_length=256)
+    return maskgrpo.MaskedDiffusionLM(mc, generator=generator).to(cfg.device)  # initialised on the CPU
+
+
+SFT_KEYS = ("num_terms", "max_operand", "heldout_size", "carry_drop", "data_seed", "d_model", "n_layers", "n_heads",
+            "mlp_hidden_size", "rope_theta", "init_seed", "sft_steps", "sft_batch_size", "sft_learning_rate", "sft_warmup",
+            "sft_seed", "max_completion_length", "device")
+
+
+def sft(cfg, train, progress=True):
+    """ELBO training on noisy-teacher traces (a trace drops its carries with prob. carry_drop, drawn
+    afresh each time a problem is sampled). Returns (model, list of losses, seconds)."""
+    model = build_model(cfg, make_generators(cfg.init_seed, ["init"])["init"])
+    gen = make_generators(cfg.sft_seed, ["sft"], cfg.device)["sft"]  # batches, teacher noise, ELBO masks
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    N, P = train.prompt_ids.shape
+    answer_mask = torch.zeros((cfg.sft_batch_size, P + cfg.max_completion_length), dtype=torch.bool, device=cfg.device)
+    answer_mask[:, P:] = True
+    attention = torch.cat([train.prompt_mask, torch.ones_like(train.clean, dtype=torch.bool)], 1)
+    losses, start = [], time.perf_counter()
+    bar = tqdm(range(cfg.sft_steps), desc="SFT", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        # lr: linear warm-up, then cosine decay to 10% of the peak
+        warm = (step + 1) / max(cfg.sft_warmup, 1)
+        frac = max(0.0, (step - cfg.sft_warmup) / max(cfg.sft_steps - cfg.sft_warmup, 1))
+        lr = cfg.sft_learning_rate * min(warm, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(N, (cfg.sft_batch_size,), generator=gen, device=cfg.device)
+        drop = torch.rand(cfg.sft_batch_size, generator=gen, device=cfg.device) < cfg.carry_drop
+        completion = torch.where(drop[:, None], train.noisy[idx], train.clean[idx])
+        x = torch.cat([train.prompt_ids[idx], completion], 1)  # (B, P + L)
+        loss = maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return model, losses, time.perf_counter() - start
+
+
+def load_or_train_sft(cfg, train):
+    """The SFT model from the cache out_root/sft-<hash>.pt, training (and caching) it when missing."""
+    key = {k: getattr(cfg, k) for k in SFT_KEYS}
+    path = os.path.join(cfg.out_root, f"sft-{config_hash(key)}.pt")
+    model = build_model(cfg, None)
+    if os.path.exists(path):
+        saved = load_checkpoint(path)
+        model.load_state_dict(saved["model"])
+        print(f"SFT model loaded from {path} (trained in {saved['seconds']:.0f} s)")
+        return model, dict(seconds=saved["seconds"], cached=True, path=path, losses=saved["losses"])
+    model, losses, seconds = sft(cfg, train, cfg.progress)
+    save_checkpoint(dict(model=model.state_dict(), losses=losses, seconds=seconds, key=key), path)
+    return model, dict(seconds=seconds, cached=False, path=path, losses=losses)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation: greedy decoding, exact match of the final answer
+
+
+@torch.no_grad()
+def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
+    """Greedy (temperature 0) completions of every problem of the split.
+    Returns dict(acc, reward) and the list of mistakes as (problem text, completion text, truth)."""
+    g = cfg.grpo()
+    texts = []
+    for i in range(0, len(split.answers), batch_size):
+        seq = maskgrpo.generate_text(model, split.prompt_ids[i:i + batch_size], gen_length=g.max_completion_length,
+                                     block_length=g.block_length, steps=g.diffusion_steps, temperature=0.0,
+                                     mask_id=vocab.mask_id, attention_mask=split.prompt_mask[i:i + batch_size])
+        texts += [vocab.decode(row) for row in seq[:, split.prompt_ids.shape[1]:].tolist()]
+    rewards, correct = score(texts, split.answers, cfg.num_terms, cfg.format_reward)
+    mistakes = [(prompt_text(t), s, a) for t, s, a, c in zip(split.terms, texts, split.answers, correct, strict=True) if not c]
+    return dict(acc=correct.mean().item(), reward=rewards.mean().item()), mistakes
+
+
+# -----------------------------------------------------------------------------
+# MaskGRPO
+
+
+RESUMABLE_CHANGES = ("grpo_steps", "resume", "show_mistakes", "ckpt_every", "progress")
+
+
+def grpo(cfg, policy, train, heldout, run_dir, log=print):
+    """MaskGRPO from the SFT model. Resumes from run_dir/ckpt.pt when cfg.resume and it exists.
+    Returns the list of metric records (train rows every step, eval rows every eval_every steps)."""
+    g = cfg.grpo()
+    reference = copy.deepcopy(policy).requires_grad_(False) if g.beta > 0 else None  # the frozen SFT model
+    optimizer = maskgrpo.make_optimizer(policy, g)
+    gens = make_generators(cfg.seed, ["prompts", "rollout", "masks"], cfg.device)
+    records, step, ckpt_path = [], 0, os.path.join(run_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        state = load_checkpoint(ckpt_path)
+        ignore = set(RESUMABLE_CHANGES)
+        diff = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in ignore and getattr(cfg, k) != v}
+        if diff:
+            raise ConfigError(f"{ckpt_path} was written with other settings {diff} (saved, now); "
+                              "use another --run_name or --resume=false")
+        policy.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_generators(gens, state["generators"])
+        records, step = state["records"], state["step"]
+        log(f"resumed {ckpt_path} at GRPO step {step}")
+    clock = Clock(records[-1]["time"] if records else 0.0)
+
+    def run_eval(at):
+        stats, mistakes = evaluate(policy, heldout, cfg)
+        records.append(dict(step=at, time=clock(), heldout_acc=stats["acc"], heldout_reward=stats["reward"],
+                            load1=os.getloadavg()[0]))
+        log(f"step {at}: held-out exact match {stats['acc']:.1%}, mean reward {stats['reward']:.3f} "
+            f"({clock():.0f} s)")
+        for problem, said, truth in mistakes[: cfg.show_mistakes]:
+            log(f"  model says {problem} -> {said}, truth {truth}")
+        write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
+
+    def save():
+        save_checkpoint(dict(config=dataclasses.asdict(cfg), model=policy.state_dict(), optimizer=optimizer.state_dict(),
+                             generators=generator_states(gens), records=records, step=step), ckpt_path)
+
+    if step == 0 and not records:
+        run_eval(0)
+    N = train.prompt_ids.shape[0]
+    bar = tqdm(range(step + 1, cfg.grpo_steps + 1), desc="GRPO", initial=step, total=cfg.grpo_steps,
+               disable=not cfg.progress, dynamic_ncols=True)
+    for step in bar:
+        # 1. generate: G rollouts per prompt, block semi-AR at temperature tau
+        idx = torch.randint(N, (cfg.prompts_per_step,), generator=gens["prompts"], device=cfg.device)
+        batch = maskgrpo.rollout_text(policy, train.prompt_ids[idx], train.prompt_mask[idx], g, gens["rollout"])
+        # 2. reward: correct final answer + format bonus
+        answers = [train.answers[k] for k in idx.repeat_interleave(g.num_generations).tolist()]
+        rewards, correct = score([VOCAB.decode(row) for row in batch.completion.tolist()], answers, cfg.num_terms,
+                                 cfg.format_reward)
+        # 3-4. advantages, old / reference log-probs on shared masks, mu clipped updates
+        stats = maskgrpo.grpo_step(policy, optimizer, batch, rewards.to(cfg.device), g, gens["masks"], reference)
+        records.append(dict(step=step, time=clock(), train_acc=correct.mean().item()) | stats)
+        last, heldout_acc = records[-1], next(r["heldout_acc"] for r in reversed(records) if "heldout_acc" in r)
+        bar.set_postfix(reward=f"{last['reward_mean']:.2f}", acc=f"{last['train_acc']:.2f}", kl=f"{last['kl']:.4f}",
+                        clip=f"{last['clip_frac']:.3f}", heldout=f"{heldout_acc:.2f}")
+        if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
+            run_eval(step)
+        if step % cfg.ckpt_every == 0 or step == cfg.grpo_steps:
+            save()
+    bar.close()
+    return records
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def summarize(records, sft_info):
+    evals = [r for r in records if "heldout_acc" in r]
+    grpo_seconds = records[-1]["time"]
+    sft_seconds = sft_info["seconds"]
+    return dict(sft_acc=evals[0]["heldout_acc"], final_acc=evals[-1]["heldout_acc"],
+                gain=evals[-1]["heldout_acc"] - evals[0]["heldout_acc"], best_acc=max(r["heldout_acc"] for r in evals),
+                sft_seconds=sft_seconds, sft_cached=sft_info["cached"], grpo_seconds=grpo_seconds,
+                total_seconds=grpo_seconds + sft_seconds, steps=records[-1]["step"])
+
+
+def main(cfg):
+    threads = set_threads(cfg.threads)
+    run_dir = os.path.join(cfg.out_root, cfg.run_name)
+    train, heldout = make_data(cfg)
+    print(f"{len(train.answers)} train / {len(heldout.answers)} held-out problems, e.g. "
+          f"{prompt_text(train.terms[0])} -> {write_trace(train.terms[0])}; {threads} threads")
+    policy, sft_info = load_or_train_sft(cfg, train)
+    print(f"model: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters")
+    records = grpo(cfg, policy, train, heldout, run_dir, log=tqdm.write)
+    summary = summarize(records, sft_info)
+    write_json(dict(config=dataclasses.asdict(cfg), summary=summary, sft=dict(seconds=sft_info["seconds"],
+               cached=sft_info["cached"], path=sft_info["path"], losses=sft_info["losses"]), records=records),
+               os.path.join(run_dir, "metrics.json"))
+    plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_acc", "reward_mean", "kl"],
+                title=f"arithmetic MaskGRPO ({cfg.run_name})")
+    print(f"held-out exact match: SFT {summary['sft_acc']:.1%} -> GRPO {summary['final_acc']:.1%} "
+          f"({summary['gain'] * 100:+.1f} points) in {summary['steps']} steps; wall time SFT {summary['sft_seconds']:.0f} s"
+          f"{' (cached)' if summary['sft_cached'] else ''} + GRPO {summary['grpo_seconds']:.0f} s; outputs in {run_dir}")
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, Config, doc=__doc__.split("\n\n")[0])

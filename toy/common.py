@@ -1,0 +1,227 @@
+"""Shared toy infrastructure: command-line config, explicit generators, atomic checkpoints, metrics, plots.
+
+Generic over the task: toy/arithmetic.py (text) and toy/shapes.py (text-to-image) both use it.
+
+    parse_config(Config, argv)       --key=value overrides of a dataclass, -h lists every field
+    make_generators(seed, names)     one explicit torch.Generator per source of randomness
+    save_checkpoint / load_checkpoint  atomic torch.save (temp file in the same folder, then os.replace)
+    Clock                            wall time that survives a resume
+    write_json, plot_curves          metrics.json and a PNG of metrics against step and wall time
+"""
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import typing
+
+import torch
+
+# -----------------------------------------------------------------------------
+# Config: a dataclass with commented defaults, overridden by --key=value
+
+
+class ConfigError(ValueError):
+    """Bad command-line input: an unknown key, a value of the wrong type, or a value the config rejects."""
+
+
+def field_comments(cls):
+    """{field name: its trailing comment} and [(field index, section title)] read from the class source
+    (base classes first). A field line looks like `name: type = default  # comment`; a line holding only
+    `# ...` titles the fields after it. Reading stops at the first method."""
+    order = [f.name for f in dataclasses.fields(cls)]
+    comments, sections = {}, []
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        pending = []
+        for line in inspect.getsource(klass).splitlines()[1:]:
+            if re.match(r"\s+(def |@)", line):
+                break
+            if (m := re.match(r"\s+(\w+)\s*:[^#]*?#\s*(.*)$", line)) and m[1] in order:
+                comments[m[1]] = m[2]
+                sections += [(order.index(m[1]), title) for title in pending]
+                pending = []
+            elif m := re.match(r"\s+#\s*(.*)$", line):
+                pending.append(m[1])
+    return comments, sections
+
+
+def _parse_value(text, kind, default):
+    """Convert one command-line string to the field's type; ValueError when it does not fit."""
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected a bool (true/false)")
+    if kind in (int, float, str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise ValueError(f"expected {kind.__name__}") from None
+    if typing.get_origin(kind) is tuple or kind is tuple:
+        parts = [p for p in text.split(",") if p]
+        if len(parts) != len(default):
+            raise ValueError(f"expected {len(default)} comma-separated values")
+        return tuple(_parse_value(p, type(d), d) for p, d in zip(parts, default, strict=True))
+    raise ValueError(f"fields of type {kind} cannot be set from the command line")
+
+
+def help_text(cls, prog, doc=""):
+    comments, sections = field_comments(cls)
+    hints = typing.get_type_hints(cls)
+    lines = ([doc.strip(), ""] if doc else []) + [f"usage: python {prog} [--key=value ...]", ""]
+    for i, f in enumerate(dataclasses.fields(cls)):
+        lines += [f"  {title}" for at, title in sections if at == i]
+        kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+        lines.append(f"    {f'--{f.name}={_default(f)}':<34} {kind:<6} {comments.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def parse_config(cls, argv, prog="script", doc=""):
+    """Build `cls` from its defaults and `--key=value` arguments. `-h` / `--help` prints every field with
+    its default and comment and exits. Raises ConfigError naming the key and value on bad input."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(cls, prog, doc))
+        raise SystemExit(0)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for arg in argv:
+        m = re.fullmatch(r"--([A-Za-z_]\w*)=(.*)", arg, flags=re.S)
+        if not m:
+            raise ConfigError(f"argument {arg!r} is not of the form --key=value (see -h)")
+        key, text = m[1], m[2]
+        if key not in known:
+            raise ConfigError(f"unknown config key {key!r} (in {arg!r}); valid keys: {', '.join(known)}")
+        try:
+            values[key] = _parse_value(text, hints[key], _default(known[key]))
+        except ValueError as e:
+            raise ConfigError(f"bad value {text!r} for --{key}: {e}") from None
+    try:
+        return cls(**values)
+    except ValueError as e:  # the config's own validation (__post_init__)
+        raise ConfigError(f"invalid config ({', '.join(f'--{k}={v}' for k, v in values.items()) or 'defaults'}): {e}") from None
+
+
+def run_cli(main, cls, argv=None, prog=None, doc=""):
+    """Parse argv into `cls` and call main(config); bad input ends the process with a one-line error."""
+    argv = sys.argv[1:] if argv is None else argv
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        cfg = parse_config(cls, argv, prog, doc)
+    except ConfigError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    return main(cfg)
+
+
+def subconfig(cls, cfg, **overrides):
+    """An instance of dataclass `cls` from the same-named fields of `cfg` (e.g. maskgrpo.GRPOConfig)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dataclasses.asdict(cfg).items() if k in names} | overrides)
+
+
+def config_hash(values):
+    """A short, stable hash of a JSON-able dict (keys of a cached checkpoint)."""
+    return hashlib.sha1(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# -----------------------------------------------------------------------------
+# Threads and randomness
+
+
+def set_threads(requested):
+    """Use at most `requested` intra-op threads and never more than the cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, min(requested, cores)))
+    return torch.get_num_threads()
+
+
+def make_generators(seed, names, device="cpu"):
+    """One torch.Generator per named source of randomness, each seeded from (seed, name).
+    No global RNG is used, so a run is reproduced from its seed and resumed from the generators' states."""
+    return {name: torch.Generator(device).manual_seed(int(config_hash(dict(seed=seed, name=name)), 16)) for name in names}
+
+
+def generator_states(generators):
+    return {name: g.get_state() for name, g in generators.items()}
+
+
+def restore_generators(generators, states):
+    for name, g in generators.items():
+        g.set_state(states[name])
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints, metrics, clock
+
+
+def save_checkpoint(obj, path):
+    """torch.save, atomically: a crash mid-write leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def write_json(obj, path):
+    """json.dump, atomically."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+class Clock:
+    """Seconds of wall time of a run, continued across resumes (`Clock(offset=saved_seconds)`)."""
+
+    def __init__(self, offset=0.0):
+        self.offset, self.start = offset, time.perf_counter()
+
+    def __call__(self):
+        return self.offset + time.perf_counter() - self.start
+
+
+def plot_curves(records, path, keys, title=""):
+    """One row per metric key, plotted against `step` (left) and `time` in seconds (right).
+    records: a list of dicts; a record without a key is skipped for that key (eval vs train rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(keys), 2, figsize=(9, 2.6 * len(keys)), squeeze=False)
+    for row, key in enumerate(keys):
+        rows = [r for r in records if key in r]
+        for col, x in enumerate(("step", "time")):
+            ax = axes[row][col]
+            ax.plot([r[x] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3)
+            ax.set_xlabel("GRPO step" if x == "step" else "wall time (s)")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
