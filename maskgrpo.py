@@ -87,7 +87,8 @@ class ModelConfig:
 
     @classmethod
     def tiny(cls, vocab_size, mask_token_id, eos_token_id, **overrides):
-        """A laptop-sized model of the same architecture (the toys use this)."""
+        """A laptop-sized model of the same architecture (the toys use this). Short toy sequences learn
+        positions far faster with a small RoPE base (the arithmetic toy passes rope_theta=100)."""
         sizes = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, max_sequence_length=512)
         return cls(vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, **(sizes | overrides))
 
@@ -675,7 +676,8 @@ def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None)
     """One MaskGRPO step on a finished rollout batch: mu optimiser updates, update j on mask M_j
     at ratio r_j for the whole batch. reference: a frozen copy of the initial policy; None uses the
     policy with LoRA adapters off (or nothing when beta = 0). Returns a dict of float stats
-    (averaged over the mu updates; ratio_max is the maximum)."""
+    (averaged over the mu updates; ratio_max is the maximum). With several ranks `loss` is this rank's
+    share (the ranks' values sum to the loss); the other stats are this rank's means."""
     N = batch.sequences.shape[0]
     if rewards.shape != (N,):
         raise ValueError(f"rewards must have shape ({N},), got {tuple(rewards.shape)}")
