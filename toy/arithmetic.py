@@ -60,15 +60,14 @@ from tqdm import tqdm
 import maskgrpo
 from toy.common import (
     Clock,
-    ConfigError,
     config_hash,
-    generator_states,
     load_checkpoint,
     make_generators,
     plot_curves,
-    restore_generators,
+    resume_run,
     run_cli,
     save_checkpoint,
+    save_run,
     set_threads,
     subconfig,
     write_json,
@@ -365,16 +364,7 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
     gens = make_generators(cfg.seed, ["prompts", "rollout", "masks"], cfg.device)
     records, step, ckpt_path = [], 0, os.path.join(run_dir, "ckpt.pt")
     if cfg.resume and os.path.exists(ckpt_path):
-        state = load_checkpoint(ckpt_path)
-        ignore = set(RESUMABLE_CHANGES)
-        diff = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in ignore and getattr(cfg, k) != v}
-        if diff:
-            raise ConfigError(f"{ckpt_path} was written with other settings {diff} (saved, now); "
-                              "use another --run_name or --resume=false")
-        policy.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_generators(gens, state["generators"])
-        records, step = state["records"], state["step"]
+        records, step = resume_run(ckpt_path, cfg, RESUMABLE_CHANGES, policy, optimizer, gens)
         log(f"resumed {ckpt_path} at GRPO step {step}")
     clock = Clock(records[-1]["time"] if records else 0.0)
 
@@ -389,8 +379,7 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
         write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
 
     def save():
-        save_checkpoint(dict(config=dataclasses.asdict(cfg), model=policy.state_dict(), optimizer=optimizer.state_dict(),
-                             generators=generator_states(gens), records=records, step=step), ckpt_path)
+        save_run(ckpt_path, cfg, policy, optimizer, gens, records, step)
 
     if step == 0 and not records:
         run_eval(0)

@@ -182,6 +182,26 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def save_run(path, cfg, model, optimizer, generators, records, step):
+    """The whole state of a training run (settings, weights, optimiser, generator states, metrics, step), atomically."""
+    save_checkpoint(dict(config=dataclasses.asdict(cfg), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         generators=generator_states(generators), records=records, step=step), path)
+
+
+def resume_run(path, cfg, resumable, model, optimizer, generators):
+    """Restore a run saved by save_run into model, optimizer and generators, so that it continues exactly.
+    A checkpoint written with other settings (fields outside `resumable`) is refused. Returns (records, step)."""
+    state = load_checkpoint(path)
+    diff = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in resumable and getattr(cfg, k) != v}
+    if diff:
+        raise ConfigError(f"{path} was written with other settings {diff} (saved, now); "
+                          "use another --run_name or --resume=false")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_generators(generators, state["generators"])
+    return state["records"], state["step"]
+
+
 def write_json(obj, path):
     """json.dump, atomically."""
     folder = os.path.dirname(os.path.abspath(path))
