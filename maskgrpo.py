@@ -33,11 +33,16 @@ Choices this implementation makes (and where it departs from the paper / officia
  9. Groups (the G completions of one prompt) always live on one rank, so advantages need no
     cross-rank gather; token counts are summed over ranks so 1 process on 2B rows equals
     2 processes on B rows each. Distribution applies only when the world size is > 1.
+10. The text sampler never proposes [MASK] as a token (its logit is set to -inf), so a rollout
+    always ends fully unmasked. The ELBO draws t ~ U(1e-3, 1] (LLaDA's eps) to bound 1/t.
+11. The d1 baseline masks every scored completion token (t = 1) and each real prompt token with
+    probability p_mask_prompt, redrawn per inner iteration and shared by old and current policy.
+12. KL is computed (and logged) only when beta > 0: with beta = 0 no reference model is needed.
 """
 
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -596,10 +601,6 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.p_mask_prompt < 1:
             raise ValueError(f"GRPOConfig.p_mask_prompt must be in [0, 1), got {self.p_mask_prompt}")
-
-    @classmethod
-    def field_names(cls):
-        return [f.name for f in fields(cls)]
 
 
 def _config(model):
