@@ -494,7 +494,6 @@ def train(args, d, out):
     from scale.checkpoints import read_hf_folder
 
     # 1. validate every input (files are read only as far as headers) before any model is built
-    torch.manual_seed(args.seed)
     task = TextTask(args) if args.task == "text" else ImageTask(args, d.device)
     model_cfg, _, _ = read_hf_folder(args.model, **task.special)  # config, names, shapes
     task.check_model(model_cfg)
