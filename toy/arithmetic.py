@@ -48,10 +48,8 @@ same command resumes it exactly). The SFT model is cached in runs/arithmetic/sft
 
 import copy
 import dataclasses
-import math
 import os
 import re
-import time
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +68,7 @@ from toy.common import (
     save_run,
     set_threads,
     subconfig,
+    train_elbo,
     write_json,
 )
 
@@ -285,32 +284,21 @@ def sft(cfg, train, progress=True):
     afresh each time a problem is sampled). Returns (model, list of losses, seconds)."""
     model = build_model(cfg, make_generators(cfg.init_seed, ["init"])["init"])
     gen = make_generators(cfg.sft_seed, ["sft"], cfg.device)["sft"]  # batches, teacher noise, ELBO masks
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     N, P = train.prompt_ids.shape
     answer_mask = torch.zeros((cfg.sft_batch_size, P + cfg.max_completion_length), dtype=torch.bool, device=cfg.device)
     answer_mask[:, P:] = True
     attention = torch.cat([train.prompt_mask, torch.ones_like(train.clean, dtype=torch.bool)], 1)
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(cfg.sft_steps), desc="SFT", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        # lr: linear warm-up, then cosine decay to 10% of the peak
-        warm = (step + 1) / max(cfg.sft_warmup, 1)
-        frac = max(0.0, (step - cfg.sft_warmup) / max(cfg.sft_steps - cfg.sft_warmup, 1))
-        lr = cfg.sft_learning_rate * min(warm, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def batch_loss():
         idx = torch.randint(N, (cfg.sft_batch_size,), generator=gen, device=cfg.device)
         drop = torch.rand(cfg.sft_batch_size, generator=gen, device=cfg.device) < cfg.carry_drop
         completion = torch.where(drop[:, None], train.noisy[idx], train.clean[idx])
         x = torch.cat([train.prompt_ids[idx], completion], 1)  # (B, P + L)
-        loss = maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    return model, losses, time.perf_counter() - start
+        return maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention[idx])
+
+    losses, seconds = train_elbo(model, batch_loss, steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
+                                 warmup=cfg.sft_warmup, progress=progress)
+    return model, losses, seconds
 
 
 def load_or_train_sft(cfg, train):

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -21,6 +22,7 @@ import time
 import typing
 
 import torch
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass with commented defaults, overridden by --key=value
@@ -180,6 +182,27 @@ def save_checkpoint(obj, path):
 
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_elbo(model, batch_loss, *, steps, learning_rate, warmup, progress=True):
+    """The toys' SFT loop: AdamW (0.9, 0.99), lr warmed up linearly then cosine-decayed to 10% of the peak,
+    gradients clipped at 1. batch_loss() draws a batch and returns its ELBO loss. Returns (losses, seconds)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
+    losses, start = [], time.perf_counter()
+    bar = tqdm(range(steps), desc="SFT", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        # lr = peak * min((step + 1) / warmup, 0.1 + 0.45 (1 + cos(pi * frac))), frac = progress after warm-up
+        frac = max(0.0, (step - warmup) / max(steps - warmup, 1))
+        for group in opt.param_groups:
+            group["lr"] = learning_rate * min((step + 1) / max(warmup, 1), 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+        loss = batch_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    return losses, time.perf_counter() - start
 
 
 def save_run(path, cfg, model, optimizer, generators, records, step):

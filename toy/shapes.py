@@ -44,7 +44,6 @@ GRPO 60 steps 965 s (~7-28 s per step depending on contention). Held-out overall
 
 import copy
 import dataclasses
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -67,6 +66,7 @@ from toy.common import (
     save_run,
     set_threads,
     subconfig,
+    train_elbo,
     write_json,
 )
 
@@ -268,29 +268,19 @@ def sft(cfg, layout, prompts, codes, progress=True):
     cond_dropout). Returns (model, list of losses, seconds)."""
     model = build_model(cfg, layout, make_generators(cfg.init_seed, ["init"])["init"])
     gen = make_generators(cfg.sft_seed, ["sft"])["sft"]  # batches, condition dropout, ELBO masks
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_learning_rate, betas=(0.9, 0.99), weight_decay=0.0)
     answer_mask = torch.zeros((cfg.sft_batch_size, layout.length), dtype=torch.bool)
     answer_mask[:, layout.positions] = True  # only image tokens are ever masked
-    losses, start = [], time.perf_counter()
-    bar = tqdm(range(cfg.sft_steps), desc="SFT", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        # lr: linear warm-up, then cosine decay to 10% of the peak
-        warm = (step + 1) / max(cfg.sft_warmup, 1)
-        frac = max(0.0, (step - cfg.sft_warmup) / max(cfg.sft_steps - cfg.sft_warmup, 1))
-        for group in opt.param_groups:
-            group["lr"] = cfg.sft_learning_rate * min(warm, 0.1 + 0.45 * (1 + math.cos(math.pi * frac)))
+
+    def batch_loss():
         idx = torch.randint(len(codes), (cfg.sft_batch_size,), generator=gen)
         drop = torch.rand(cfg.sft_batch_size, generator=gen) < cfg.cond_dropout
         prompt = torch.where(drop[:, None], torch.full_like(prompts[idx], layout.pad_id), prompts[idx])
         x, attention = layout.sequences(prompt, codes[idx])
-        loss = maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention, columns=layout.columns)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-    return model, losses, time.perf_counter() - start
+        return maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention, columns=layout.columns)
+
+    losses, seconds = train_elbo(model, batch_loss, steps=cfg.sft_steps, learning_rate=cfg.sft_learning_rate,
+                                 warmup=cfg.sft_warmup, progress=progress)
+    return model, losses, seconds
 
 
 def load_or_train_sft(cfg, layout, tokenizer, log=print):
