@@ -5,7 +5,7 @@ PY := .venv/bin/python
 setup:
 	@bash scripts/setup.sh
 
-toy: setup            ## the main job: SFT then MaskGRPO on the arithmetic toy (~10 min on 2 cores)
+toy: setup            ## the main job: SFT then MaskGRPO on the arithmetic toy (~6 min on 2 cores)
 	$(PY) toy/arithmetic.py $(ARGS)
 
 test: setup           ## the test suite (what CI runs)

@@ -400,7 +400,7 @@ def test_text_completions_end_at_the_first_eos():
     seq = torch.tensor([[PAD, 5, 7, 3, EOS, EOS, 9], [4, 6, 8, 8, 8, 8, 8]])
     batch = mg.text_completions(seq, prompt_mask, EOS)
     assert batch.scored.tolist() == [[True, True, True, False, False], [True] * 5]
-    assert batch.attention_mask.tolist() == [[False, True, True, True, True, False, False], [True] * 7]
+    assert batch.attention_mask.tolist() == [[False, True, True, True, True, True, True], [True] * 7]  # the whole canvas
     assert torch.equal(batch.completion, seq[:, 2:])
     whole = mg.text_completions(seq, prompt_mask, EOS, score_whole_canvas=True)
     assert whole.scored.all() and whole.attention_mask[:, 2:].all()
@@ -441,33 +441,33 @@ def test_elbo_gradient_only_at_masked_answer_tokens():
     assert (grad_norm[~masked] == 0).all() and (grad_norm[masked] > 0).all()
 
 
-def test_eos_padding_after_the_first_eos_does_not_change_the_loss():
+def test_text_after_the_first_eos_is_masked_and_cannot_change_the_loss():
     a = text_batch(2)
-    P, L = a.positions.start, a.scored.shape[1]
-    # every row ends inside the canvas, then the same canvas with 5 more EOS columns
-    seq = a.sequences.clone()
-    seq[:, -1] = EOS
-    a = mg.text_completions(seq, a.attention_mask[:, :P], EOS)
-    b = mg.text_completions(torch.cat([seq, torch.full((8, 5), EOS)], 1), a.attention_mask[:, :P], EOS)
-    assert torch.equal(b.scored[:, :L], a.scored) and not b.scored[:, L:].any()
-    mask_a = torch.zeros_like(a.sequences, dtype=torch.bool)
-    mask_a[:, P:] = (torch.rand(a.scored.shape, generator=gen(3)) < 0.6) & a.scored
-    mask_b = torch.cat([mask_a, torch.zeros(8, 5, dtype=torch.bool)], 1)
-    model = tiny_model(seed=2)
-    la, lb = mg.masked_logps(model, a, mask_a), mg.masked_logps(model, b, mask_b)[:, :L]
-    assert torch.allclose(la[a.scored], lb[a.scored], atol=1e-6)
-    adv = torch.linspace(-1, 1, 8)
-    for loss_type in ("token", "sequence"):
-        kw = dict(epsilon=0.2, beta=0.04, loss_type=loss_type)
-        loss_a, _ = mg.grpo_loss(la, la - 0.05, la + 0.1, adv, mask_a[:, P:] & a.scored, **kw)
-        loss_b, _ = mg.grpo_loss(lb, lb - 0.05, lb + 0.1, adv, mask_b[:, P : P + L] & b.scored[:, :L], **kw)
-        assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-6)
-    # what stands after the first EOS is neither scored nor attended
+    P = a.positions.start
+    model, cfg = tiny_model(seed=2), small_cfg(num_iterations=4, beta=0.04)
+    assert not a.scored.all()  # some rows end early
+    # whatever stands after the first EOS: the same masks, log-probs and loss
     seq2 = a.sequences.clone()
-    after = torch.cat([torch.zeros(8, P, dtype=torch.bool), ~a.scored], 1)
-    seq2[after] = 7
-    la2 = mg.masked_logps(model, mg.text_completions(seq2, a.attention_mask[:, :P], EOS), mask_a)
-    assert torch.allclose(la[a.scored], la2[a.scored], atol=1e-6)
+    seq2[:, P:][~a.scored] = 7
+    b = mg.text_completions(seq2, a.attention_mask[:, :P], EOS)
+    assert torch.equal(b.scored, a.scored)
+    adv = torch.linspace(-1, 1, 8)
+    for j in range(cfg.num_iterations):
+        mask_a, mask_b = mg.draw_mask(a, cfg, j, gen(j)), mg.draw_mask(b, cfg, j, gen(j))
+        assert torch.equal(mask_a, mask_b) and mask_a[:, P:][~a.scored].all()  # the tail is always masked
+        la, lb = mg.masked_logps(model, a, mask_a), mg.masked_logps(model, b, mask_b)
+        assert torch.allclose(la[a.scored], lb[a.scored], atol=1e-6)
+        for loss_type in ("token", "sequence"):
+            kw = dict(epsilon=0.2, beta=0.04, loss_type=loss_type)
+            loss_mask = mask_a[:, P:] & a.scored
+            loss_a, _ = mg.grpo_loss(la, la - 0.05, la + 0.1, adv, loss_mask, **kw)
+            loss_b, _ = mg.grpo_loss(lb, lb - 0.05, lb + 0.1, adv, loss_mask, **kw)
+            assert loss_a.item() == pytest.approx(loss_b.item(), abs=1e-6)
+    # but the tail is attended: unmasking it would change the scored tokens' log-probs
+    mask = mg.draw_mask(a, cfg, 0, gen(0))
+    shown = mask.clone()
+    shown[:, P:] &= a.scored
+    assert not torch.allclose(mg.masked_logps(model, a, mask)[a.scored], mg.masked_logps(model, a, shown)[a.scored])
 
 
 def test_maskgrpo_draw_mask_uses_ratio_j_on_the_scored_completion_only():
@@ -478,7 +478,7 @@ def test_maskgrpo_draw_mask_uses_ratio_j_on_the_scored_completion_only():
         cfg = small_cfg(num_iterations=4, min_mask_rate=0.6, remasking="random")
         mask = mg.draw_mask(batch, cfg, j, gen(j))
         assert not mask[:, :P].any()  # the prompt is never masked
-        assert not (mask[:, P:] & ~batch.scored).any()
+        assert mask[:, P:][~batch.scored].all()  # text after the first EOS stays masked
         frac = mask[:, P:][batch.scored].double().mean()
         m = int(batch.scored.sum())
         assert abs(float(frac) - r) <= 5 * math.sqrt(r * (1 - r) / m)
@@ -490,7 +490,7 @@ def test_d1_mask_covers_the_scored_completion_and_only_real_prompt_tokens():
     P = batch.positions.start
     cfg = small_cfg(estimator="d1", p_mask_prompt=0.15)
     mask = mg.draw_mask(batch, cfg, 0, gen(0))
-    assert torch.equal(mask[:, P:], batch.scored)
+    assert mask[:, P:].all()
     real = batch.attention_mask[:, :P]
     assert not (mask[:, :P] & ~real).any()
     frac = float(mask[:, :P][real].double().mean())

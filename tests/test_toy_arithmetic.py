@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from toy import arithmetic
-from toy.arithmetic import VOCAB, Config, add, score, write_trace
+from toy.arithmetic import VOCAB, Config, score, write_trace
 from toy.common import ConfigError, load_checkpoint, parse_config, run_cli
 
 # A config that runs in seconds: 2-term problems over 0..4, a very small model, short SFT and GRPO.
-TINY = dict(num_terms=2, max_operand=4, heldout_size=5, carry_drop=0.8, d_model=32, n_layers=2, n_heads=2,
+TINY = dict(num_terms=2, max_operand=4, heldout_size=5, answer_slip=0.5, d_model=32, n_layers=2, n_heads=2,
             mlp_hidden_size=64, sft_steps=120, sft_batch_size=32, sft_learning_rate=3e-3, sft_warmup=5,
             prompts_per_step=8, num_generations=8, num_iterations=2, max_completion_length=8, block_length=4,
             diffusion_steps=4, learning_rate=5e-4, weight_decay=0.0, max_grad_norm=1.0, eval_every=2, ckpt_every=2,
@@ -31,8 +31,8 @@ def tiny(tmp_path, **overrides):
 def test_traces_match_the_docstring():
     assert write_trace([17, 25, 8]) == "17+25=42,42+8=50#50"
     assert write_trace([3, 4, 5]) == "3+4=7,7+5=12#12"
-    assert write_trace([7, 5, 9], carry=False) == "7+5=2,2+9=1#1"
-    assert add(17, 8, carry=False) == 15 and add(7, 5, carry=False) == 2 and add(12, 9, carry=False) == 11
+    assert write_trace([7, 5, 9], slip=True) == "7+5=12,12+9=21#12"  # the noisy teacher's answer slips
+    assert write_trace([17, 25, 8], slip=True) == "17+25=42,42+8=50#42" and write_trace([3, 4], slip=True) == "3+4=7#3"
     assert VOCAB.encode("3+4+5=") == [3, 10, 4, 10, 5, 11]
     assert (VOCAB.eos_id, VOCAB.pad_id, VOCAB.mask_id, VOCAB.size) == (14, 15, 16, 17)
     assert VOCAB.decode(VOCAB.encode("3+4=7#7") + [VOCAB.eos_id, 3]) == "3+4=7#7"
@@ -120,7 +120,7 @@ def test_ablation_writes_table_and_plot(tmp_path):
     (["--no_such_key=3"], ["no_such_key", "3"]),
     (["--sft_steps=abc"], ["sft_steps", "abc", "int"]),
     (["--shared_masks=maybe"], ["shared_masks", "maybe", "bool"]),
-    (["--carry_drop=2"], ["carry_drop", "2"]),
+    (["--answer_slip=2"], ["answer_slip", "2"]),
     (["--estimator=d2"], ["estimator", "d2"]),
     (["sft_steps=3"], ["sft_steps=3", "--key=value"]),
 ])

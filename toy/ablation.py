@@ -47,7 +47,7 @@ class AblationConfig(arithmetic.Config):
     # ablation
     arms: str = ",".join(ARMS)  # comma-separated subset of the arms
     seeds: int = 3  # GRPO seeds per arm (seed = 0..seeds-1)
-    grpo_steps: int = 40  # GRPO steps per run (shorter than the main run)
+    grpo_steps: int = 50  # GRPO steps per run (half the main run)
     eval_every: int = 10  # GRPO steps between held-out evaluations
     show_mistakes: int = 0  # wrong held-out answers printed at each evaluation
     run_name: str = "ablation"  # folder of the table and plot inside out_root; runs go below it

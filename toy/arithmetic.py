@@ -1,6 +1,6 @@
 """Multi-step arithmetic: the CPU stand-in for GSM8K with LLaDA.
 
-    python toy/arithmetic.py                      # SFT (cached) then MaskGRPO, ~10 min on 2 cores
+    python toy/arithmetic.py                      # SFT (cached) then MaskGRPO, ~6 min on 2 cores
     python toy/arithmetic.py -h                   # every setting, its default and what it means
     python toy/arithmetic.py --grpo_steps=20 --run_name=short
 
@@ -9,11 +9,14 @@ reasoning trace whose later steps depend on earlier ones, then MaskGRPO improves
 verifiable reward, as MaskGRPO does for LLaDA-8B on GSM8K:
 
     1. SFT with the ELBO loss (maskgrpo.elbo_loss) on a deliberately noisy teacher: in
-       `carry_drop` (half) of the training traces every addition forgets its carry (7+5 -> 2,
-       17+8 -> 15). The SFT model learns the format and the digit sums, but whether it carries is
-       a coin flip it has no reason to resolve: greedy decoding gets only part of the carry
-       problems right, while rollouts at temperature 0.9 carry often enough for GRPO to find out
-       that carrying is rewarded. The SFT checkpoint is cached.
+       `answer_slip` (half) of the training traces the teacher works every step out right but then
+       reports the running sum before the last step as the answer (7+5=12,12+9=21#12). The SFT
+       model learns the steps, but which number to report is a coin flip it has no reason to
+       resolve: greedy decoding reports the wrong one for many problems, while rollouts at
+       temperature 0.9 report each often enough for GRPO to find out which is rewarded. Its
+       arithmetic is imperfect too, and GRPO keeps improving it more slowly. The SFT checkpoint is
+       cached. (A carry-forgetting teacher, which changes trace lengths, was too hard for this
+       model: below 5% after 800 SFT steps.)
     2. MaskGRPO (maskgrpo.grpo_step): block semi-AR rollouts on a fixed completion canvas padded with
        EOS, G completions per prompt, mu inner updates on AR-like re-masks at the rising ratios
        r_j = gamma + (1 - gamma)(j + 1)/mu, reward = correct final answer + a small format bonus.
@@ -24,7 +27,7 @@ Encodings (vocabulary "0123456789+=,#", then EOS, PAD, MASK; one token per chara
     problem   prompt (6 tokens)   completion canvas (max_completion_length = 20 tokens)
     3+4+5     3+4+5=              3+4=7,7+5=12#12........      (. = EOS, pads the canvas)
     7+5+9     7+5+9=              7+5=12,12+9=21#21...         correct teacher
-    7+5+9     7+5+9=              7+5=2,2+9=1#1........        noisy teacher: carries dropped
+    7+5+9     7+5+9=              7+5=12,12+9=21#12...         noisy teacher: the answer slips
     0+0+0     0+0+0=              0+0=0,0+0=0#0........
 
     token ids: '0'..'9' -> 0..9, '+' 10, '=' 11, ',' 12, '#' 13, EOS 14, PAD 15, MASK 16
@@ -82,7 +85,7 @@ class Config:
     num_terms: int = 3  # numbers added per problem (the trace has num_terms - 1 steps)
     max_operand: int = 9  # operands are 0..max_operand
     heldout_size: int = 200  # problems held out for evaluation (the rest are train)
-    carry_drop: float = 0.5  # noisy SFT teacher: fraction of traces written without any carries
+    answer_slip: float = 0.5  # noisy SFT teacher: fraction of traces reporting the sum before the last step
     format_reward: float = 0.1  # reward bonus for a well-formed trace (a correct answer gives 1.0)
     data_seed: int = 0  # shuffles the train / held-out split
     # model (LLaDA architecture, maskgrpo.ModelConfig)
@@ -93,8 +96,8 @@ class Config:
     rope_theta: float = 100.0  # RoPE base (LLaDA's 500000 leaves ~26-token sequences almost position-blind)
     init_seed: int = 0  # parameter initialisation
     # SFT (ELBO loss; the result is cached by a hash of the task, model and SFT settings)
-    sft_steps: int = 600  # optimiser steps
-    sft_batch_size: int = 256  # sequences per step
+    sft_steps: int = 800  # optimiser steps
+    sft_batch_size: int = 128  # sequences per step
     sft_learning_rate: float = 3e-3  # AdamW peak lr (linear warm-up, cosine decay to 10%)
     sft_warmup: int = 50  # warm-up steps
     sft_seed: int = 0  # SFT batches and ELBO masks
@@ -139,8 +142,8 @@ class Config:
         for name in ("sft_steps", "grpo_steps", "sft_warmup", "show_mistakes"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.carry_drop <= 1:
-            raise ValueError(f"carry_drop must be in [0, 1], got {self.carry_drop}")
+        if not 0 <= self.answer_slip <= 1:
+            raise ValueError(f"answer_slip must be in [0, 1], got {self.answer_slip}")
         if self.heldout_size >= (self.max_operand + 1) ** self.num_terms:
             raise ValueError(f"heldout_size={self.heldout_size} leaves no train problems "
                              f"(there are {(self.max_operand + 1) ** self.num_terms})")
@@ -186,24 +189,14 @@ class Vocab:
 VOCAB = Vocab()
 
 
-def add(x, y, carry=True):
-    """x + y, or column-wise addition that forgets every carry (the noisy teacher): 17 + 8 -> 15."""
-    if carry:
-        return x + y
-    out, place = 0, 1
-    while x or y:
-        out, x, y, place = out + (x % 10 + y % 10) % 10 * place, x // 10, y // 10, place * 10
-    return out
-
-
-def write_trace(terms, carry=True):
-    """[17, 25, 8] -> "17+25=42,42+8=50#50": a running sum, one step per remaining term, then the answer."""
+def write_trace(terms, slip=False):
+    """[17, 25, 8] -> "17+25=42,42+8=50#50": a running sum, one step per remaining term, then the answer.
+    slip=True (the noisy teacher) reports the sum before the last step instead: "...#42"."""
     steps, total = [], terms[0]
     for t in terms[1:]:
-        new = add(total, t, carry)
-        steps.append(f"{total}+{t}={new}")
-        total = new
-    return ",".join(steps) + f"#{total}"
+        steps.append(f"{total}+{t}={total + t}")
+        total += t
+    return ",".join(steps) + f"#{total - terms[-1] if slip else total}"
 
 
 def prompt_text(terms):
@@ -219,7 +212,7 @@ class Split:
     prompt_ids: torch.Tensor  # (N, P) left-padded with PAD
     prompt_mask: torch.Tensor  # (N, P) bool, False on padding
     clean: torch.Tensor  # (N, L) correct trace + EOS padding
-    noisy: torch.Tensor  # (N, L) carry-dropping trace + EOS padding
+    noisy: torch.Tensor  # (N, L) slipped trace (wrong final answer) + EOS padding
 
     def to(self, device):
         return dataclasses.replace(self, **{k: v.to(device) for k, v in vars(self).items() if torch.is_tensor(v)})
@@ -236,7 +229,7 @@ def encode_split(problems, prompt_length, canvas, vocab=VOCAB):
         prompt_ids=torch.tensor([[vocab.pad_id] * (prompt_length - len(p)) + p for p in prompts]),
         prompt_mask=torch.tensor([[False] * (prompt_length - len(p)) + [True] * len(p) for p in prompts]),
         clean=torch.tensor([canvas_ids(write_trace(t)) for t in problems]),
-        noisy=torch.tensor([canvas_ids(write_trace(t, carry=False)) for t in problems]),
+        noisy=torch.tensor([canvas_ids(write_trace(t, slip=True)) for t in problems]),
     )
 
 
@@ -274,13 +267,13 @@ def build_model(cfg, generator, vocab=VOCAB):
     return maskgrpo.MaskedDiffusionLM(mc, generator=generator).to(cfg.device)  # initialised on the CPU
 
 
-SFT_KEYS = ("num_terms", "max_operand", "heldout_size", "carry_drop", "data_seed", "d_model", "n_layers", "n_heads",
+SFT_KEYS = ("num_terms", "max_operand", "heldout_size", "answer_slip", "data_seed", "d_model", "n_layers", "n_heads",
             "mlp_hidden_size", "rope_theta", "init_seed", "sft_steps", "sft_batch_size", "sft_learning_rate", "sft_warmup",
             "sft_seed", "max_completion_length", "device")
 
 
 def sft(cfg, train, progress=True):
-    """ELBO training on noisy-teacher traces (a trace drops its carries with prob. carry_drop, drawn
+    """ELBO training on noisy-teacher traces (a trace's answer slips with prob. answer_slip, drawn
     afresh each time a problem is sampled). Returns (model, list of losses, seconds)."""
     model = build_model(cfg, make_generators(cfg.init_seed, ["init"])["init"])
     gen = make_generators(cfg.sft_seed, ["sft"], cfg.device)["sft"]  # batches, teacher noise, ELBO masks
@@ -291,8 +284,8 @@ def sft(cfg, train, progress=True):
 
     def batch_loss():
         idx = torch.randint(N, (cfg.sft_batch_size,), generator=gen, device=cfg.device)
-        drop = torch.rand(cfg.sft_batch_size, generator=gen, device=cfg.device) < cfg.carry_drop
-        completion = torch.where(drop[:, None], train.noisy[idx], train.clean[idx])
+        slip = torch.rand(cfg.sft_batch_size, generator=gen, device=cfg.device) < cfg.answer_slip
+        completion = torch.where(slip[:, None], train.noisy[idx], train.clean[idx])
         x = torch.cat([train.prompt_ids[idx], completion], 1)  # (B, P + L)
         return maskgrpo.elbo_loss(model, x, answer_mask, generator=gen, attention_mask=attention[idx])
 
@@ -322,8 +315,9 @@ def load_or_train_sft(cfg, train):
 
 @torch.no_grad()
 def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
-    """Greedy (temperature 0) completions of every problem of the split.
-    Returns dict(acc, reward) and the list of mistakes as (problem text, completion text, truth)."""
+    """Greedy (temperature 0) completions of every problem of the split. Returns dict(acc, reward,
+    slip = fraction answering the noisy teacher's slipped sum) and the list of mistakes as
+    (problem text, completion text, truth)."""
     g = cfg.grpo()
     texts = []
     for i in range(0, len(split.answers), batch_size):
@@ -332,8 +326,10 @@ def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
                                      mask_id=vocab.mask_id, attention_mask=split.prompt_mask[i:i + batch_size])
         texts += [vocab.decode(row) for row in seq[:, split.prompt_ids.shape[1]:].tolist()]
     rewards, correct = score(texts, split.answers, cfg.num_terms, cfg.format_reward)
+    slipped = [str(sum(t[:-1])) for t in split.terms]
+    _, slip = score(texts, slipped, cfg.num_terms, cfg.format_reward)
     mistakes = [(prompt_text(t), s, a) for t, s, a, c in zip(split.terms, texts, split.answers, correct, strict=True) if not c]
-    return dict(acc=correct.mean().item(), reward=rewards.mean().item()), mistakes
+    return dict(acc=correct.mean().item(), reward=rewards.mean().item(), slip=(slip * (1 - correct)).mean().item()), mistakes
 
 
 # -----------------------------------------------------------------------------
@@ -359,9 +355,9 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
     def run_eval(at):
         stats, mistakes = evaluate(policy, heldout, cfg)
         records.append(dict(step=at, time=clock(), heldout_acc=stats["acc"], heldout_reward=stats["reward"],
-                            load1=os.getloadavg()[0]))
-        log(f"step {at}: held-out exact match {stats['acc']:.1%}, mean reward {stats['reward']:.3f} "
-            f"({clock():.0f} s)")
+                            heldout_slip=stats["slip"], load1=os.getloadavg()[0]))
+        log(f"step {at}: held-out exact match {stats['acc']:.1%}, slipped answers {stats['slip']:.1%}, "
+            f"mean reward {stats['reward']:.3f} ({clock():.0f} s)")
         for problem, said, truth in mistakes[: cfg.show_mistakes]:
             log(f"  model says {problem} -> {said}, truth {truth}")
         write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
@@ -423,7 +419,7 @@ def main(cfg):
     write_json(dict(config=dataclasses.asdict(cfg), summary=summary, sft=dict(seconds=sft_info["seconds"],
                cached=sft_info["cached"], path=sft_info["path"], losses=sft_info["losses"]), records=records),
                os.path.join(run_dir, "metrics.json"))
-    plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_acc", "reward_mean", "kl"],
+    plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_acc", "heldout_slip", "reward_mean", "kl"],
                 title=f"arithmetic MaskGRPO ({cfg.run_name})")
     print(f"held-out exact match: SFT {summary['sft_acc']:.1%} -> GRPO {summary['final_acc']:.1%} "
           f"({summary['gain'] * 100:+.1f} points) in {summary['steps']} steps; wall time SFT {summary['sft_seconds']:.0f} s"
