@@ -485,7 +485,9 @@ def main(argv=None):
         if args.preset == "tiny":
             fill_tiny_paths(args, out / "tiny_assets")
         check_paths(args)
-        return train(args, d, out)
+        result = train(args, d, out)
+        D.barrier()  # every rank finished: no peer is still talking to one that tears its group down
+        return result
     finally:
         D.shutdown()
 
