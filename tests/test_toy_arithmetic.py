@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from toy import arithmetic
-from toy.arithmetic import VOCAB, Config, score, write_trace
+from toy.arithmetic import VOCAB, Config, score, slipped, write_trace
 from toy.common import ConfigError, load_checkpoint, parse_config, run_cli
 
 # A config that runs in seconds: 2-term problems over 0..4, a very small model, short SFT and GRPO.
@@ -43,6 +43,12 @@ def test_reward_is_answer_plus_format():
     rewards, correct = score(texts, ["12"] * 6, num_terms=3, format_reward=0.1)
     assert rewards.tolist() == pytest.approx([1.1, 0.1, 1.0, 0.1, 1.0, 0.0])
     assert correct.tolist() == [1, 0, 1, 0, 1, 0]
+
+
+def test_slipped_answers_are_the_sum_before_the_last_step():
+    texts = ["3+4=7,7+5=12#7", "3+4=7,7+5=12#12", "3+4=7,7+0=7#7", "3+4=7,7+5=12#8", "#7"]
+    terms = [[3, 4, 5], [3, 4, 5], [3, 4, 0], [3, 4, 5], [3, 4, 5]]
+    assert slipped(texts, terms, num_terms=3).tolist() == [1, 0, 0, 0, 1]  # a slip that is also right is not one
 
 
 def test_data_split_is_seeded_and_disjoint():

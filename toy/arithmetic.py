@@ -15,8 +15,8 @@ verifiable reward, as MaskGRPO does for LLaDA-8B on GSM8K:
        resolve: greedy decoding reports the wrong one for many problems, while rollouts at
        temperature 0.9 report each often enough for GRPO to find out which is rewarded. Its
        arithmetic is imperfect too, and GRPO keeps improving it more slowly. The SFT checkpoint is
-       cached. (A carry-forgetting teacher, which changes trace lengths, was too hard for this
-       model: below 5% after 800 SFT steps.)
+       cached. (A carry-forgetting teacher was too hard for this model: its traces come in two
+       lengths, and with 80% of them carry-free the model stayed at 1% after 800 SFT steps.)
     2. MaskGRPO (maskgrpo.grpo_step): block semi-AR rollouts on a fixed completion canvas padded with
        EOS, G completions per prompt, mu inner updates on AR-like re-masks at the rising ratios
        r_j = gamma + (1 - gamma)(j + 1)/mu, reward = correct final answer + a small format bonus.
@@ -258,6 +258,13 @@ def score(texts, answers, num_terms, format_reward):
     return torch.tensor(rewards), torch.tensor(correct, dtype=torch.float)
 
 
+def slipped(texts, terms, num_terms):
+    """Flags (N,) of completions answering the noisy teacher's slipped sum (when that differs from the true one)."""
+    _, slip = score(texts, [str(sum(t[:-1])) for t in terms], num_terms, 0.0)
+    _, correct = score(texts, [str(sum(t)) for t in terms], num_terms, 0.0)
+    return slip * (1 - correct)
+
+
 # -----------------------------------------------------------------------------
 # Model and SFT
 
@@ -326,10 +333,9 @@ def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
                                      mask_id=vocab.mask_id, attention_mask=split.prompt_mask[i:i + batch_size])
         texts += [vocab.decode(row) for row in seq[:, split.prompt_ids.shape[1]:].tolist()]
     rewards, correct = score(texts, split.answers, cfg.num_terms, cfg.format_reward)
-    slipped = [str(sum(t[:-1])) for t in split.terms]
-    _, slip = score(texts, slipped, cfg.num_terms, cfg.format_reward)
+    slip = slipped(texts, split.terms, cfg.num_terms)
     mistakes = [(prompt_text(t), s, a) for t, s, a, c in zip(split.terms, texts, split.answers, correct, strict=True) if not c]
-    return dict(acc=correct.mean().item(), reward=rewards.mean().item(), slip=(slip * (1 - correct)).mean().item()), mistakes
+    return dict(acc=correct.mean().item(), reward=rewards.mean().item(), slip=slip.mean().item()), mistakes
 
 
 # -----------------------------------------------------------------------------
