@@ -49,7 +49,6 @@ against step and wall time), ckpt.pt (model, optimiser, generator states, step, 
 same command resumes it exactly). The SFT model is cached in runs/arithmetic/sft-<hash>.pt.
 """
 
-import copy
 import dataclasses
 import os
 import re
@@ -60,15 +59,12 @@ from tqdm import tqdm
 
 import maskgrpo
 from toy.common import (
-    Clock,
     config_hash,
-    load_checkpoint,
+    grpo_loop,
+    load_or_train,
     make_generators,
     plot_curves,
-    resume_run,
     run_cli,
-    save_checkpoint,
-    save_run,
     set_threads,
     subconfig,
     train_elbo,
@@ -305,15 +301,7 @@ def load_or_train_sft(cfg, train):
     """The SFT model from the cache out_root/sft-<hash>.pt, training (and caching) it when missing."""
     key = {k: getattr(cfg, k) for k in SFT_KEYS}
     path = os.path.join(cfg.out_root, f"sft-{config_hash(key)}.pt")
-    model = build_model(cfg, None)
-    if os.path.exists(path):
-        saved = load_checkpoint(path)
-        model.load_state_dict(saved["model"])
-        print(f"SFT model loaded from {path} (trained in {saved['seconds']:.0f} s)")
-        return model, dict(seconds=saved["seconds"], cached=True, path=path, losses=saved["losses"])
-    model, losses, seconds = sft(cfg, train, cfg.progress)
-    save_checkpoint(dict(model=model.state_dict(), losses=losses, seconds=seconds, key=key), path)
-    return model, dict(seconds=seconds, cached=False, path=path, losses=losses)
+    return load_or_train(path, key, build_model(cfg, None), lambda: sft(cfg, train, cfg.progress), "SFT model")
 
 
 # -----------------------------------------------------------------------------
@@ -346,37 +334,12 @@ RESUMABLE_CHANGES = ("grpo_steps", "resume", "show_mistakes", "ckpt_every", "pro
 
 
 def grpo(cfg, policy, train, heldout, run_dir, log=print):
-    """MaskGRPO from the SFT model. Resumes from run_dir/ckpt.pt when cfg.resume and it exists.
-    Returns the list of metric records (train rows every step, eval rows every eval_every steps)."""
+    """MaskGRPO from the SFT model (toy.common.grpo_loop). Resumes from run_dir/ckpt.pt when cfg.resume
+    and it exists. Returns the list of metric records (train rows every step, eval rows every eval_every)."""
     g = cfg.grpo()
-    reference = copy.deepcopy(policy).requires_grad_(False) if g.beta > 0 else None  # the frozen SFT model
-    optimizer = maskgrpo.make_optimizer(policy, g)
-    gens = make_generators(cfg.seed, ["prompts", "rollout", "masks"], cfg.device)
-    records, step, ckpt_path = [], 0, os.path.join(run_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        records, step = resume_run(ckpt_path, cfg, RESUMABLE_CHANGES, policy, optimizer, gens)
-        log(f"resumed {ckpt_path} at GRPO step {step}")
-    clock = Clock(records[-1]["time"] if records else 0.0)
-
-    def run_eval(at):
-        stats, mistakes = evaluate(policy, heldout, cfg)
-        records.append(dict(step=at, time=clock(), heldout_acc=stats["acc"], heldout_reward=stats["reward"],
-                            heldout_slip=stats["slip"], load1=os.getloadavg()[0]))
-        log(f"step {at}: held-out exact match {stats['acc']:.1%}, slipped answers {stats['slip']:.1%}, "
-            f"mean reward {stats['reward']:.3f} ({clock():.0f} s)")
-        for problem, said, truth in mistakes[: cfg.show_mistakes]:
-            log(f"  model says {problem} -> {said}, truth {truth}")
-        write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
-
-    def save():
-        save_run(ckpt_path, cfg, policy, optimizer, gens, records, step)
-
-    if step == 0 and not records:
-        run_eval(0)
     N = train.prompt_ids.shape[0]
-    bar = tqdm(range(step + 1, cfg.grpo_steps + 1), desc="GRPO", initial=step, total=cfg.grpo_steps,
-               disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
+
+    def rollout(gens):
         # 1. generate: G rollouts per prompt, block semi-AR at temperature tau
         idx = torch.randint(N, (cfg.prompts_per_step,), generator=gens["prompts"], device=cfg.device)
         batch = maskgrpo.rollout_text(policy, train.prompt_ids[idx], train.prompt_mask[idx], g, gens["rollout"])
@@ -384,18 +347,18 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
         answers = [train.answers[k] for k in idx.repeat_interleave(g.num_generations).tolist()]
         rewards, correct = score([VOCAB.decode(row) for row in batch.completion.tolist()], answers, cfg.num_terms,
                                  cfg.format_reward)
-        # 3-4. advantages, old / reference log-probs on shared masks, mu clipped updates
-        stats = maskgrpo.grpo_step(policy, optimizer, batch, rewards.to(cfg.device), g, gens["masks"], reference)
-        records.append(dict(step=step, time=clock(), train_acc=correct.mean().item()) | stats)
-        last, heldout_acc = records[-1], next(r["heldout_acc"] for r in reversed(records) if "heldout_acc" in r)
-        bar.set_postfix(reward=f"{last['reward_mean']:.2f}", acc=f"{last['train_acc']:.2f}", kl=f"{last['kl']:.4f}",
-                        clip=f"{last['clip_frac']:.3f}", heldout=f"{heldout_acc:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
-            run_eval(step)
-        if step % cfg.ckpt_every == 0 or step == cfg.grpo_steps:
-            save()
-    bar.close()
-    return records
+        acc = correct.mean().item()
+        return batch, rewards.to(cfg.device), dict(train_acc=acc), dict(acc=f"{acc:.2f}")
+
+    def held_out():
+        stats, mistakes = evaluate(policy, heldout, cfg)
+        record = dict(heldout_acc=stats["acc"], heldout_reward=stats["reward"], heldout_slip=stats["slip"],
+                      load1=os.getloadavg()[0])
+        summary = (f"held-out exact match {stats['acc']:.1%}, slipped answers {stats['slip']:.1%}, "
+                   f"mean reward {stats['reward']:.3f}")
+        return record, summary, [f"  model says {p} -> {said}, truth {truth}" for p, said, truth in mistakes[: cfg.show_mistakes]]
+
+    return grpo_loop(cfg, policy, run_dir, RESUMABLE_CHANGES, rollout, held_out, "heldout_acc", log)
 
 
 # -----------------------------------------------------------------------------

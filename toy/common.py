@@ -6,9 +6,11 @@ Generic over the task: toy/arithmetic.py (text) and toy/shapes.py (text-to-image
     make_generators(seed, names)     one explicit torch.Generator per source of randomness
     save_checkpoint / load_checkpoint  atomic torch.save (temp file in the same folder, then os.replace)
     Clock                            wall time that survives a resume
+    train_elbo, grpo_loop            the SFT loop and the MaskGRPO loop both toys run
     write_json, plot_curves          metrics.json and a PNG of metrics against step and wall time
 """
 
+import copy
 import dataclasses
 import hashlib
 import inspect
@@ -23,6 +25,8 @@ import typing
 
 import torch
 from tqdm import tqdm
+
+import maskgrpo
 
 # -----------------------------------------------------------------------------
 # Config: a dataclass with commented defaults, overridden by --key=value
@@ -268,3 +272,63 @@ def plot_curves(records, path, keys, title=""):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+
+def load_or_train(path, key, model, train, what, log=print):
+    """`model` with the weights cached at `path`; when missing, train() -> (trained model, losses, seconds)
+    runs and its result is cached (atomically) with `key`. Returns (model, dict(seconds, cached, path, losses))."""
+    if os.path.exists(path):
+        saved = load_checkpoint(path)
+        model.load_state_dict(saved["model"])
+        log(f"{what} loaded from {path} (trained in {saved['seconds']:.0f} s)")
+        return model, dict(seconds=saved["seconds"], cached=True, path=path, losses=saved["losses"])
+    model, losses, seconds = train()
+    save_checkpoint(dict(model=model.state_dict(), losses=losses, seconds=seconds, key=key), path)
+    return model, dict(seconds=seconds, cached=False, path=path, losses=losses)
+
+def grpo_loop(cfg, policy, run_dir, resumable, rollout, evaluate, heldout_key, log=print):
+    """MaskGRPO from the SFT model `policy`, the loop both toys share: per step, a rollout batch, then
+    maskgrpo.grpo_step; a held-out evaluation every eval_every steps, a checkpoint every ckpt_every.
+    Resumes exactly from run_dir/ckpt.pt when cfg.resume and it exists (settings outside `resumable`
+    must match). The task supplies
+      rollout(gens) -> (batch: maskgrpo.Completions, rewards (N,), record: task metrics, postfix: bar extras),
+        drawing prompts from gens["prompts"] and samples from gens["rollout"];
+      evaluate() -> (record: held-out metrics incl. `heldout_key`, summary: str, extra lines to log).
+    Returns the list of metric records (train rows every step, eval rows every eval_every steps)."""
+    g = cfg.grpo()
+    reference = copy.deepcopy(policy).requires_grad_(False) if g.beta > 0 else None  # the frozen SFT model
+    optimizer = maskgrpo.make_optimizer(policy, g)
+    gens = make_generators(cfg.seed, ["prompts", "rollout", "masks"], getattr(cfg, "device", "cpu"))
+    records, step, ckpt_path = [], 0, os.path.join(run_dir, "ckpt.pt")
+    if cfg.resume and os.path.exists(ckpt_path):
+        records, step = resume_run(ckpt_path, cfg, resumable, policy, optimizer, gens)
+        log(f"resumed {ckpt_path} at GRPO step {step}")
+    clock = Clock(records[-1]["time"] if records else 0.0)
+
+    def run_eval(at):
+        record, summary, lines = evaluate()
+        records.append(dict(step=at, time=clock()) | record)
+        log(f"step {at}: {summary} ({clock():.0f} s)")
+        for line in lines:
+            log(line)
+        write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
+
+    if step == 0 and not records:
+        run_eval(0)
+    bar = tqdm(range(step + 1, cfg.grpo_steps + 1), desc="GRPO", initial=step, total=cfg.grpo_steps,
+               disable=not cfg.progress, dynamic_ncols=True)
+    for step in bar:
+        batch, rewards, record, postfix = rollout(gens)  # 1-2. generate, reward
+        # 3-4. advantages, old / reference log-probs on shared masks, mu clipped updates
+        stats = maskgrpo.grpo_step(policy, optimizer, batch, rewards, g, gens["masks"], reference)
+        records.append(dict(step=step, time=clock()) | record | stats)
+        heldout = next(r[heldout_key] for r in reversed(records) if heldout_key in r)
+        bar.set_postfix(reward=f"{stats['reward_mean']:.2f}", kl=f"{stats['kl']:.4f}", clip=f"{stats['clip_frac']:.3f}",
+                        **postfix, heldout=f"{heldout:.2f}")
+        if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
+            run_eval(step)
+        if step % cfg.ckpt_every == 0 or step == cfg.grpo_steps:
+            save_run(ckpt_path, cfg, policy, optimizer, gens, records, step)
+    bar.close()
+    return records

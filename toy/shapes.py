@@ -42,7 +42,6 @@ GRPO 60 steps 965 s (~7-28 s per step depending on contention). Held-out overall
 (+0.064; 0.189 at step 50), graded score 0.204 -> 0.278. Short of the goals of <= 15 minutes and +0.15.
 """
 
-import copy
 import dataclasses
 import os
 import time
@@ -55,15 +54,14 @@ import maskgrpo
 from toy import fsq
 from toy import shapes_world as sw
 from toy.common import (
-    Clock,
     config_hash,
+    grpo_loop,
     load_checkpoint,
+    load_or_train,
     make_generators,
     plot_curves,
-    resume_run,
     run_cli,
     save_checkpoint,
-    save_run,
     set_threads,
     subconfig,
     train_elbo,
@@ -286,19 +284,15 @@ def sft(cfg, layout, prompts, codes, progress=True):
 def load_or_train_sft(cfg, layout, tokenizer, log=print):
     """The SFT model from out_root/sft-<hash>.pt, training (and caching) it when missing."""
     path, key = cache_path(cfg, "sft", SFT_KEYS)
-    model = build_model(cfg, layout, None)
-    if os.path.exists(path):
-        saved = load_checkpoint(path)
-        model.load_state_dict(saved["model"])
-        log(f"SFT model loaded from {path} (trained in {saved['seconds']:.0f} s)")
-        return model, dict(seconds=saved["seconds"], cached=True, path=path, losses=saved["losses"])
-    start = time.perf_counter()
-    prompts, codes = make_sft_data(cfg, tokenizer, layout)
-    data_seconds = time.perf_counter() - start
-    model, losses, seconds = sft(cfg, layout, prompts, codes, cfg.progress)
-    seconds += data_seconds
-    save_checkpoint(dict(model=model.state_dict(), losses=losses, seconds=seconds, key=key), path)
-    return model, dict(seconds=seconds, cached=False, path=path, losses=losses)
+
+    def train():
+        start = time.perf_counter()
+        prompts, codes = make_sft_data(cfg, tokenizer, layout)
+        data_seconds = time.perf_counter() - start
+        model, losses, seconds = sft(cfg, layout, prompts, codes, cfg.progress)
+        return model, losses, data_seconds + seconds
+
+    return load_or_train(path, key, build_model(cfg, layout, None), train, "SFT model", log)
 
 
 # -----------------------------------------------------------------------------
@@ -390,33 +384,11 @@ def group_diversity(x, rewards, num_generations):
 
 
 def grpo(cfg, policy, tokenizer, layout, run_dir, log=print):
-    """MaskGRPO from the SFT model. Resumes from run_dir/ckpt.pt when cfg.resume and it exists.
-    Returns the list of metric records (train rows every step, eval rows every eval_every steps)."""
+    """MaskGRPO from the SFT model (toy.common.grpo_loop). Resumes from run_dir/ckpt.pt when cfg.resume
+    and it exists. Returns the list of metric records (train rows every step, eval rows every eval_every)."""
     g = cfg.grpo()
-    reference = copy.deepcopy(policy).requires_grad_(False) if g.beta > 0 else None  # the frozen SFT model
-    optimizer = maskgrpo.make_optimizer(policy, g)
-    gens = make_generators(cfg.seed, ["prompts", "rollout", "masks"])
-    records, step, ckpt_path = [], 0, os.path.join(run_dir, "ckpt.pt")
-    if cfg.resume and os.path.exists(ckpt_path):
-        records, step = resume_run(ckpt_path, cfg, RESUMABLE_CHANGES, policy, optimizer, gens)
-        log(f"resumed {ckpt_path} at GRPO step {step}")
-    clock = Clock(records[-1]["time"] if records else 0.0)
 
-    def run_eval(at):
-        stats = evaluate(policy, tokenizer, layout, cfg)
-        records.append(dict(step=at, time=clock(), heldout_overall=stats["overall"], heldout_score=stats["score"])
-                       | {f"heldout_{k}": v for k, v in stats.items() if k.startswith("acc_")})
-        log(f"step {at}: held-out overall {stats['overall']:.3f}, graded score {stats['score']:.3f} ({clock():.0f} s)")
-        write_json(dict(config=dataclasses.asdict(cfg), records=records), os.path.join(run_dir, "metrics.json"))
-
-    def save():
-        save_run(ckpt_path, cfg, policy, optimizer, gens, records, step)
-
-    if step == 0 and not records:
-        run_eval(0)
-    bar = tqdm(range(step + 1, cfg.grpo_steps + 1), desc="GRPO", initial=step, total=cfg.grpo_steps,
-               disable=not cfg.progress, dynamic_ncols=True)
-    for step in bar:
+    def rollout(gens):
         # 1. generate: G images per train prompt, emerge (or MaskGIT) sampler with CFG
         specs = sw.sample_specs(cfg.prompts_per_step, gens["prompts"], "train")
         specs = [s for s in specs for _ in range(g.num_generations)]  # groups are consecutive rows
@@ -424,21 +396,17 @@ def grpo(cfg, policy, tokenizer, layout, run_dir, log=print):
         # 2. reward: the graded scorer on the decoded images
         scored = sw.score_images(decode_images(tokenizer, layout, x), specs)
         rewards = scored["score"]
-        # 3-4. advantages, old / reference log-probs on shared uniform re-masks, mu clipped updates
-        stats = maskgrpo.grpo_step(policy, optimizer, image_completions(layout, x), rewards, g, gens["masks"], reference)
         distinct, group_std = group_diversity(layout.codes(x), rewards, g.num_generations)
-        records.append(dict(step=step, time=clock(), train_strict=scored["strict"].mean().item(),
-                            distinct_per_group=distinct, group_reward_std=group_std) | stats)
-        last = records[-1]
-        heldout = next(r["heldout_overall"] for r in reversed(records) if "heldout_overall" in r)
-        bar.set_postfix(reward=f"{last['reward_mean']:.2f}", kl=f"{last['kl']:.4f}", clip=f"{last['clip_frac']:.3f}",
-                        distinct=f"{distinct:.1f}", heldout=f"{heldout:.2f}")
-        if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
-            run_eval(step)
-        if step % cfg.ckpt_every == 0 or step == cfg.grpo_steps:
-            save()
-    bar.close()
-    return records
+        record = dict(train_strict=scored["strict"].mean().item(), distinct_per_group=distinct, group_reward_std=group_std)
+        return image_completions(layout, x), rewards, record, dict(distinct=f"{distinct:.1f}")
+
+    def held_out():
+        stats = evaluate(policy, tokenizer, layout, cfg)
+        record = dict(heldout_overall=stats["overall"], heldout_score=stats["score"]) | {
+            f"heldout_{k}": v for k, v in stats.items() if k.startswith("acc_")}
+        return record, f"held-out overall {stats['overall']:.3f}, graded score {stats['score']:.3f}", []
+
+    return grpo_loop(cfg, policy, run_dir, RESUMABLE_CHANGES, rollout, held_out, "heldout_overall", log)
 
 
 # -----------------------------------------------------------------------------
