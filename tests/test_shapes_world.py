@@ -107,9 +107,17 @@ def test_rendered_objects_do_not_touch_and_keep_their_colour():
     assert int(comps.area.sum()) == int(on.sum())
 
 
+def test_boxes_lie_on_the_tokenizer_grid_inside_the_image():
+    g = gen(9)
+    for spec in sw.sample_specs(300, gen(8)):
+        for _, _, x0, y0, size in sw._place(spec, g):
+            assert x0 % sw.GRID == 0 and y0 % sw.GRID == 0 and size in sw.SIZES
+            assert 0 <= x0 and x0 + size <= sw.IMAGE_SIZE and 0 <= y0 and y0 + size <= sw.IMAGE_SIZE
+
+
 @pytest.mark.parametrize("shape", sw.SHAPES)
 def test_every_size_is_classified_as_its_shape(shape):
-    sizes = torch.arange(sw.MIN_SIZE, sw.MAX_SIZE + 1)
+    sizes = torch.tensor(sw.SIZES)
     n = len(sizes)
     masks = sw.shape_masks(torch.full((n,), sw.SHAPES.index(shape)), torch.full((n,), 3), torch.full((n,), 5), sizes)
     images = masks[:, None].float().expand(n, 3, -1, -1).clone()
@@ -168,6 +176,21 @@ def test_scorer_on_blank_and_noise_images():
     assert (noise["score"] >= 0).all() and (noise["score"] <= 1).all()
     full = sw.score_images(torch.ones(2, 3, 32, 32) * torch.tensor([1.0, 0, 0]).view(1, 3, 1, 1), specs)
     assert full["strict"].tolist() == [0, 0]  # one image-sized red blob is no object
+
+
+def test_scenes_name_each_objects_shape_colour_and_grid_cell():
+    image = torch.zeros(2, 3, 32, 32)
+    square = sw.shape_masks(torch.tensor([0]), torch.tensor([4]), torch.tensor([8]), torch.tensor([8]))[0]
+    image[0, 0] = square.float()  # a red square, pixels x 4..11, y 8..15: centroid (8, 12)
+    image[1, 2] = torch.roll(square, sw.GRID, dims=1).float()  # blue, one grid cell to the right
+    keys = sw.scenes(image)
+    assert keys[0] == ((sw.SHAPES.index("square"), sw.COLOURS.index("red"), 8 // sw.GRID, 12 // sw.GRID),)
+    assert keys[1] == ((sw.SHAPES.index("square"), sw.COLOURS.index("blue"), 12 // sw.GRID, 12 // sw.GRID),)
+    specs = sw.sample_specs(8, gen(3))
+    a, b = sw.render(specs, gen(4)), sw.render(specs, gen(5))
+    assert sw.scenes(a) == sw.scenes(a.clone()) and sw.scenes(a) != sw.scenes(b)
+    assert [len(k) for k in sw.scenes(a)] == [sum(o.count for o in s.objects) for s in specs]
+    assert sw.scenes(torch.zeros(1, 3, 32, 32)) == [()]
 
 
 def slow_components(classes: np.ndarray) -> list[set]:
@@ -250,10 +273,10 @@ def test_short_tokenizer_training_lowers_loss_and_uses_many_codes():
     g = gen(10)
     data = sw.render(sw.sample_specs(256, g), g)
     model = FSQAutoencoder(width=24, generator=g)
-    losses = train_tokenizer(model, data, steps=40, generator=g, batch_size=8, lr=1e-2, warmup=5, progress=False)
-    assert len(losses) == 40
+    losses = train_tokenizer(model, data, steps=80, generator=g, batch_size=8, lr=5e-3, warmup=5, progress=False)
+    assert len(losses) == 80
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert model.encode(data[:64]).unique().numel() > 1
+    assert model.encode(data[:64]).unique().numel() > 20
     assert not model.training
     # a callable data source works too
     fresh = lambda n, gg: sw.render(sw.sample_specs(n, gg), gg)

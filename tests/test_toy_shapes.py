@@ -104,9 +104,9 @@ def test_empty_prompt_changes_the_guided_sample():
     assert not torch.equal(a, b)
 
 
-def test_group_diversity_counts_distinct_images_and_within_group_std():
-    codes = torch.tensor([[1, 2], [1, 2], [3, 4], [5, 6]])
-    distinct, std = shapes.group_diversity(codes, torch.tensor([1.0, 1.0, 0.0, 1.0]), num_generations=2)
+def test_group_diversity_counts_distinct_scenes_and_within_group_std():
+    keys = [(1, 2), (1, 2), (3, 4), (5, 6)]
+    distinct, std = shapes.group_diversity(keys, torch.tensor([1.0, 1.0, 0.0, 1.0]), num_generations=2)
     assert distinct == 1.5 and std == pytest.approx(0.5 * torch.tensor([0.0, 1.0]).std().item())
 
 

@@ -4,9 +4,12 @@
     python toy/shapes_study.py --grpo_steps=30 --seeds=0,1      # a shorter study
     python toy/shapes_study.py -h
 
+Arms can run in separate processes (e.g. `--gammas=0.8` and `--samplers= --gammas=0.0,0.6`); a last call
+with every arm reuses their finished runs and writes the whole table.
+
 Claim under test (arXiv 2510.02880, Sec. 4 and its GenEval ablation): rollouts from the "emerge" sampler
 (MDLM ancestral: random reveal counts, no confidence ranking) score lower than MaskGIT rollouts before RL
-but are more diverse, so GRPO groups carry more signal (more distinct images per group, larger
+but are more diverse, so GRPO groups carry more signal (more distinct scenes per group, larger
 within-group reward std, fewer zero-std groups) and RL from them ends higher. Also: small truncation
 gamma destabilises image RL, gamma = 0.8 is the image default.
 
@@ -35,7 +38,7 @@ class StudyConfig:
     gammas: str = "0.0,0.6,0.8"  # truncation sweep, with emerge rollouts (0.8 reuses the sampler arm)
     grpo_steps: int = 40  # GRPO steps per run (shorter than the default toy run)
     eval_every: int = 20  # GRPO steps between held-out evaluations
-    eval_samples: int = 8  # images per held-out prompt (21 prompts) in each evaluation
+    eval_samples: int = 16  # images per held-out prompt (21 prompts) in each evaluation
     # run
     out_root: str = "runs/shapes"  # where toy/shapes.py keeps its caches; runs go to out_root/study
     threads: int = 2  # torch intra-op threads
@@ -61,7 +64,7 @@ class StudyConfig:
 
 METRICS = (("sft_overall", "overall before RL"), ("final_overall", "overall after RL"), ("gain", "gain"),
            ("sft_score", "graded before"), ("final_score", "graded after"),
-           ("distinct_per_group", "distinct imgs / group"), ("group_reward_std", "within-group reward std"),
+           ("distinct_per_group", "distinct scenes / group"), ("group_reward_std", "within-group reward std"),
            ("zero_std_frac", "zero-std groups"))
 
 
@@ -94,8 +97,9 @@ def table(results, study, command):
              "|---|" + "---|" * len(METRICS)]
     for name, runs in results.items():
         lines.append(f"| {name} | " + " | ".join(fmt([r[key] for r in runs]) for key, _ in METRICS) + " |")
-    lines += ["", "distinct imgs / group, within-group reward std and zero-std groups are averaged over every "
-              "rollout batch of the run (G = 8 images per prompt)."]
+    lines += ["", "distinct scenes / group (images that differ in the shape, colour or grid cell of a detected "
+              "object), within-group reward std and zero-std groups are averaged over every rollout batch of the "
+              "run (G = 8 images per prompt)."]
     return "\n".join(lines) + "\n"
 
 
