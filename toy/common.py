@@ -274,7 +274,6 @@ def plot_curves(records, path, keys, title=""):
     plt.close(fig)
 
 
-
 def load_or_train(path, key, model, train, what, log=print):
     """`model` with the weights cached at `path`; when missing, train() -> (trained model, losses, seconds)
     runs and its result is cached (atomically) with `key`. Returns (model, dict(seconds, cached, path, losses))."""
@@ -286,6 +285,7 @@ def load_or_train(path, key, model, train, what, log=print):
     model, losses, seconds = train()
     save_checkpoint(dict(model=model.state_dict(), losses=losses, seconds=seconds, key=key), path)
     return model, dict(seconds=seconds, cached=False, path=path, losses=losses)
+
 
 def grpo_loop(cfg, policy, run_dir, resumable, rollout, evaluate, heldout_key, log=print):
     """MaskGRPO from the SFT model `policy`, the loop both toys share: per step, a rollout batch, then

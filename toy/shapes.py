@@ -55,12 +55,10 @@ from toy import shapes_world as sw
 from toy.common import (
     config_hash,
     grpo_loop,
-    load_checkpoint,
     load_or_train,
     make_generators,
     plot_curves,
     run_cli,
-    save_checkpoint,
     set_threads,
     subconfig,
     train_elbo,
@@ -216,22 +214,20 @@ FSQ_KEYS = ("fsq_levels", "fsq_width", "fsq_steps", "fsq_batch_size", "fsq_image
 
 
 def load_or_train_tokenizer(cfg, log=print):
-    """The FSQ autoencoder from out_root/fsq-<hash>.pt, trained on train-split renders when missing."""
+    """The FSQ autoencoder from out_root/fsq-<hash>.pt, trained (and cached) on train-split renders when missing."""
     path, key = cache_path(cfg, "fsq", FSQ_KEYS)
     model = fsq.FSQAutoencoder(cfg.levels(), cfg.fsq_width, generator=torch.Generator().manual_seed(0))
-    if os.path.exists(path):
-        saved = load_checkpoint(path)
-        model.load_state_dict(saved["state_dict"])
-        log(f"tokenizer loaded from {path} (trained in {saved['seconds']:.0f} s)")
-        return model.eval(), dict(seconds=saved["seconds"], cached=True, path=path)
-    gens = make_generators(cfg.data_seed, ["fsq_data", "fsq_batches"])
-    start = time.perf_counter()
-    images = sw.render(sw.sample_specs(cfg.fsq_images, gens["fsq_data"], "train"), gens["fsq_data"])
-    fsq.train_tokenizer(model, images, cfg.fsq_steps, gens["fsq_batches"], batch_size=cfg.fsq_batch_size,
-                        progress=cfg.progress)
-    seconds = time.perf_counter() - start
-    save_checkpoint(dict(state_dict=model.state_dict(), seconds=seconds, key=key), path)
-    return model.eval(), dict(seconds=seconds, cached=False, path=path)
+
+    def train():
+        gens = make_generators(cfg.data_seed, ["fsq_data", "fsq_batches"])
+        start = time.perf_counter()
+        images = sw.render(sw.sample_specs(cfg.fsq_images, gens["fsq_data"], "train"), gens["fsq_data"])
+        losses = fsq.train_tokenizer(model, images, cfg.fsq_steps, gens["fsq_batches"], batch_size=cfg.fsq_batch_size,
+                                     progress=cfg.progress)
+        return model, losses, time.perf_counter() - start
+
+    tokenizer, info = load_or_train(path, key, model, train, "tokenizer", log)
+    return tokenizer.eval(), info
 
 
 def make_sft_data(cfg, tokenizer, layout):
@@ -450,9 +446,7 @@ def main(cfg):
     save_grid(policy, tokenizer, layout, cfg, os.path.join(run_dir, "grid_rl.png"),
               f"after {records[-1]['step']} MaskGRPO steps ({cfg.rollout_mode} rollouts)")
     summary = summarize(records, setup_seconds)
-    write_json(dict(config=dataclasses.asdict(cfg), summary=summary,
-                    tokenizer=fsq_info, sft=dict(seconds=sft_info["seconds"], cached=sft_info["cached"],
-                                                 path=sft_info["path"], losses=sft_info["losses"]), records=records),
+    write_json(dict(config=dataclasses.asdict(cfg), summary=summary, tokenizer=fsq_info, sft=sft_info, records=records),
                os.path.join(run_dir, "metrics.json"))
     plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_overall", "heldout_score", "reward_mean", "kl"],
                 title=f"shapes MaskGRPO ({cfg.run_name})")
