@@ -1,6 +1,7 @@
 """Tests for the shapes world (toy/shapes_world.py) and its FSQ image tokenizer (toy/fsq.py)."""
 
 import doctest
+import math
 from collections import deque
 
 import numpy as np
@@ -139,6 +140,24 @@ def test_ground_truth_renders_get_full_marks_in_every_category():
     assert set(result["category_accuracy"]) == {*sw.CATEGORIES, "other"}
     assert all(acc == 1 for acc in result["category_accuracy"].values())
     assert result["geneval"] == 1
+    assert result["geneval_se"] == 0
+
+
+def test_geneval_and_its_standard_error_match_a_loop_over_categories():
+    specs = sw.sample_specs(300, gen(9), "train")
+    images = sw.render(specs, gen(10))
+    blank = torch.rand(len(specs), generator=gen(11)) < 0.4
+    images[blank] = 0  # a black image passes no check
+    result = sw.score_images(images, specs)
+    means, variances = [], []
+    for c in sw.CATEGORIES:
+        xs = [0.0 if blank[i] else 1.0 for i in range(len(specs)) if specs[i].category == c]
+        m = sum(xs) / len(xs)
+        means.append(m)
+        variances.append(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+    assert result["geneval"] == pytest.approx(sum(means) / 6)
+    assert result["geneval_se"] == pytest.approx(math.sqrt(sum(variances)) / 6)
+    assert 0 < result["geneval_se"] < 0.1
 
 
 @pytest.mark.parametrize(

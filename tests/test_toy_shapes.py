@@ -23,7 +23,7 @@ LAYOUT = shapes.Layout(CODEBOOK)
 TINY = dict(fsq_steps=10, fsq_batch_size=8, fsq_images=32, fsq_width=8, sft_images=64, d_model=32, n_layers=1,
             n_heads=2, mlp_hidden_size=64, sft_steps=4, sft_batch_size=8, sft_warmup=1, diffusion_steps=4,
             grpo_steps=2, prompts_per_step=2, num_generations=4, num_iterations=2, micro_batch_size=8,
-            eval_samples=1, eval_every=1, ckpt_every=1, grid_prompts=2, grid_samples=2, progress=False, threads=1)
+            eval_samples=2, eval_every=1, ckpt_every=1, grid_prompts=2, grid_samples=2, progress=False, threads=1)
 
 
 def tiny(tmp_path, **overrides):

@@ -73,6 +73,7 @@ Per image: `score` = mean of the checks it requires (graded, for the RL reward);
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -572,6 +573,8 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
         categories         list of B category names (PromptSpec.category)
         category_accuracy  {category: mean strict} for the categories present
         geneval            mean of category_accuracy over the six GenEval categories present (nan if none)
+        geneval_se         its standard error over the images (the prompts held fixed): sqrt(sum_c s_c^2 / n_c) / K,
+                           s_c^2 = unbiased variance of strict within category c, n_c its images, K categories
     """
     if images.dim() != 4 or tuple(images.shape[1:]) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise ValueError(f"images: expected shape (B, 3, {IMAGE_SIZE}, {IMAGE_SIZE}), got {tuple(images.shape)}")
@@ -597,12 +600,16 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
         for c in (*CATEGORIES, "other")
         if c in categories
     }
-    geneval_cats = [category_accuracy[c] for c in CATEGORIES if c in category_accuracy]
+    geneval_cats = [c for c in CATEGORIES if c in category_accuracy]
+    # SE(geneval) = sqrt(sum_c s_c^2 / n_c) / K: the categories' images are independent draws
+    strict_by_cat = [strict[[i for i in range(B) if categories[i] == c]] for c in geneval_cats]
+    geneval_var = sum(x.var().item() / len(x) if len(x) > 1 else float("nan") for x in strict_by_cat)
     return {
         "score": score,
         "strict": strict,
         "checks": checks,
         "categories": categories,
         "category_accuracy": category_accuracy,
-        "geneval": float(np.mean(geneval_cats)) if geneval_cats else float("nan"),
+        "geneval": float(np.mean([category_accuracy[c] for c in geneval_cats])) if geneval_cats else float("nan"),
+        "geneval_se": math.sqrt(geneval_var) / len(geneval_cats) if geneval_cats else float("nan"),
     }
