@@ -324,9 +324,8 @@ def grpo_loop(cfg, policy, run_dir, resumable, rollout, evaluate, heldout_key, l
         stats = maskgrpo.grpo_step(policy, optimizer, batch, rewards, g, gens["masks"], reference)
         records.append(dict(step=step, time=clock()) | record | stats)
         heldout = next(r[heldout_key] for r in reversed(records) if heldout_key in r)
-        kl = dict(kl=f"{stats['kl']:.4f}") if g.beta > 0 else {}  # not computed without a KL term
-        bar.set_postfix(reward=f"{stats['reward_mean']:.2f}", **kl, clip=f"{stats['clip_frac']:.3f}", **postfix,
-                        heldout=f"{heldout:.2f}")
+        bar.set_postfix(reward=f"{stats['reward_mean']:.2f}", kl=f"{stats['kl']:.4f}", clip=f"{stats['clip_frac']:.3f}",
+                        **postfix, heldout=f"{heldout:.2f}")
         if step % cfg.eval_every == 0 or step == cfg.grpo_steps:
             run_eval(step)
         if step % cfg.ckpt_every == 0 or step == cfg.grpo_steps:

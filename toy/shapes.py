@@ -94,7 +94,7 @@ class Config:
     rope_theta: float = 1000.0  # RoPE base (74-token sequences)
     init_seed: int = 0  # parameter initialisation
     # SFT (ELBO loss on the image tokens; cached by a hash of the settings above and these)
-    sft_steps: int = 1500  # optimiser steps (held-out overall ~0.26 after them: room left for RL)
+    sft_steps: int = 1500  # optimiser steps (held-out overall ~0.2 after them: room left for RL)
     sft_batch_size: int = 64  # sequences per step
     sft_learning_rate: float = 3e-3  # AdamW peak lr (linear warm-up, cosine decay to 10%)
     sft_warmup: int = 30  # warm-up steps

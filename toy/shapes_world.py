@@ -595,15 +595,12 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
             if oks:
                 checks[name][i] = float(all(oks))
     categories = [s.category for s in specs]
-    category_accuracy = {
-        c: float(np.mean([strict[i].item() for i in range(B) if categories[i] == c]))
-        for c in (*CATEGORIES, "other")
-        if c in categories
-    }
-    geneval_cats = [c for c in CATEGORIES if c in category_accuracy]
+    by_category = {c: strict[[i for i in range(B) if categories[i] == c]].double()
+                   for c in (*CATEGORIES, "other") if c in categories}
+    category_accuracy = {c: x.mean().item() for c, x in by_category.items()}
+    geneval_cats = [c for c in CATEGORIES if c in by_category]
     # SE(geneval) = sqrt(sum_c s_c^2 / n_c) / K: the categories' images are independent draws
-    strict_by_cat = [strict[[i for i in range(B) if categories[i] == c]] for c in geneval_cats]
-    geneval_var = sum(x.var().item() / len(x) if len(x) > 1 else float("nan") for x in strict_by_cat)
+    geneval_var = sum(x.var().item() / len(x) if len(x) > 1 else math.nan for x in map(by_category.get, geneval_cats))
     return {
         "score": score,
         "strict": strict,
