@@ -38,14 +38,16 @@ def test_notebook_writes_nowhere_outside_the_repository():
 
 
 def test_results_file_is_what_the_notebook_expects():
-    """The committed d1-vs-MaskGRPO curves: both arms, the same seeds, the same evaluation steps, and the command
-    that regenerates them."""
+    """The committed curves: the three arms, each changing one thing, on the same seeds and evaluation steps, and
+    the command that regenerates them."""
     results = json.loads(RESULTS.read_text())
     assert results["command"].startswith("python scripts/tutorial_results.py")
     arms = results["arms"]
-    assert set(arms) == {"maskgrpo", "d1"} and arms["d1"]["overrides"] == {"estimator": "d1"}
-    seeds = [[r["seed"] for r in arms[a]["runs"]] for a in ("maskgrpo", "d1")]
-    assert seeds[0] == seeds[1] and len(seeds[0]) >= 3
+    assert arms["d1"]["overrides"] == {"estimator": "d1"}
+    assert arms["maskgrpo"]["overrides"] == {"remasking": "arlike", "min_mask_rate": 0.6}
+    assert arms["r1"]["overrides"] == {"remasking": "arlike", "min_mask_rate": 0.99}
+    seeds = [[r["seed"] for r in arm["runs"]] for arm in arms.values()]
+    assert all(s == seeds[0] for s in seeds) and len(seeds[0]) >= 3
     for arm in arms.values():
         for run in arm["runs"]:
             assert run["steps"][0] == 0 and run["steps"][-1] == results["config"]["grpo_steps"]
@@ -120,15 +122,19 @@ def test_arlike_ramp_claim(executed):
 
 def test_gamma_claim(executed):
     """5c: the written-out inner loop is grpo_step; with gamma = 0 the first updates put the step on fewer tokens
-    and clip more. Over seeds 0-4, updates 1-3 clipped 3.1-4.7% (gamma 0) against 1.3-2.9% (gamma 0.6)."""
+    and clip more, while r ~ 1 (gamma 0.99) clips like gamma 0.6. With the rollout batches of seeds 0-4, updates
+    1-3 clipped 3.1-4.7% (gamma 0) against 1.3-2.9% (gamma 0.6) and 1.9-3.1% (gamma 0.99); the last update
+    3.8-5.8% (gamma 0.6) against 4.0-6.2% (gamma 0.99)."""
     text = executed[1]
     (diff,), = find(text, r"weights after mg.grpo_step\| = <n>", 1)
     assert diff < 1e-6
     row = (r" +tokens carrying the loss at j = 0: +<n>; clipped fraction, mean over updates 1-3: <n>%, "
            r"at the last update: <n>% \(std of log rho <n>\)")
     (tok0, early0, *_), = find(text, r"gamma = 0" + row, 1)
-    (tok6, early6, *_), = find(text, r"gamma = 0\.6 \(MaskGRPO\)" + row, 1)
+    (tok6, early6, last6, _), = find(text, r"gamma = 0\.6 \(MaskGRPO\)" + row, 1)
+    (_, early99, last99, _), = find(text, r"gamma = 0\.99 \(r ~ 1 always\)" + row, 1)
     assert tok0 < tok6 and early0 > early6 + 0.5
+    assert abs(early99 - early6) < 1.5 and abs(last99 - last6) < 1.5
 
 
 def test_exact_check_claims(executed):
@@ -153,16 +159,23 @@ def test_text_rl_claims(executed):
 
 
 def test_d1_vs_maskgrpo_claims(executed):
-    """7: the comparison printed is the committed file's, and MaskGRPO is ahead of d1."""
+    """7: the comparison printed is the committed file's; MaskGRPO beats d1 on every seed, and r ~ 1 (d1's mask
+    ratio without its prompt masking) is level with MaskGRPO (the paired difference is within its seed spread)."""
     import numpy as np
 
     text = executed[1]
     results = json.loads(RESULTS.read_text())
-    final = {a: np.array([r["heldout_acc"][-1] for r in results["arms"][a]["runs"]]) for a in ("maskgrpo", "d1")}
-    diff = final["maskgrpo"] - final["d1"]
-    (mean, std), = find(text, r"MaskGRPO - d1, paired by seed: <n> \+- <n> points", 1)
-    assert abs(mean - diff.mean() * 100) < 0.06 and abs(std - diff.std(ddof=1) * 100) < 0.06
-    assert diff.mean() > 0
+    final = {a: np.array([r["heldout_acc"][-1] for r in runs["runs"]]) for a, runs in results["arms"].items()}
+    paired = {}
+    for arm in ("d1", "r1"):
+        diff = final["maskgrpo"] - final[arm]
+        (mean, std, ahead, seeds), = find(text, rf"MaskGRPO - {arm}, paired by seed: <n> \+- <n> points; "
+                                                r"MaskGRPO ahead on <n> of <n> seeds", 1)
+        assert abs(mean - diff.mean() * 100) < 0.06 and abs(std - diff.std(ddof=1) * 100) < 0.06
+        assert ahead == (diff > 0).sum() and seeds == len(diff)
+        paired[arm] = mean, std, ahead, seeds
+    assert paired["d1"][0] > 5 and paired["d1"][2] == paired["d1"][3]
+    assert abs(paired["r1"][0]) < paired["r1"][1]
     assert "settings that differ from this notebook's: none" in text
 
 
