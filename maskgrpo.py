@@ -536,7 +536,7 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
         kv = None
         for s in range(steps_per_block):
             masked = x[:, block] == mask_id  # (B, Lb)
-            if not masked.any():  # only after threshold steps committed the whole block early
+            if threshold is not None and not masked.any():  # the block was filled early: skip its other steps
                 break
             if cache == "none":
                 logits = model(x, attention_mask, positions=block)
