@@ -33,6 +33,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -141,7 +142,10 @@ def build_parser():
     g.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or 'latest' (start fresh if none)")
     g.add_argument("--export", action="store_true", help="at the end write <out>/export (HF folder or PEFT adapters)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--fail-at-step", type=int, help="test hook: the last rank exits at this step on torchrun's first attempt")
+    g.add_argument("--fail-at-step", type=int,
+                   help="test hook: in a run that started fresh, on torchrun's first attempt, the last rank exits at this step")
+    g.add_argument("--fail-kills-agent", action="store_true",
+                   help="test hook: ... after killing its torchrun agent (a node failure)")
     return p
 
 
@@ -379,16 +383,18 @@ def train(args, d, out):
             f"resumed from {resume} at step {start}")
     else:
         log(dict(event="start", args=vars(args), world_size=d.world, model_config=asdict(model_cfg), grpo=asdict(cfg),
-                 parallel=mode if d.world > 1 else "none"),
+                 parallel=mode if d.world > 1 else "none", mesh=None if d.mesh is None else list(d.mesh.shape)),
             f"training --preset {args.preset} --task {args.task} on {d.world} x {d.device.type}")
 
     # 3. steps
     G = cfg.num_generations
     ctx = lambda: D.compute_context(policy, d.device, args.precision)  # noqa: E731
     for step in range(start, args.max_steps):
-        if (args.fail_at_step == step + 1 and d.rank == d.world - 1
+        if (args.fail_at_step == step + 1 and start == 0 and d.rank == d.world - 1
                 and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
             print(f"rank {d.rank}: --fail-at-step {step + 1}: exiting to test the restart", flush=True)
+            if args.fail_kills_agent:
+                os.kill(os.getppid(), signal.SIGKILL)
             os._exit(1)
         t0 = time.time()
         idx = D.rank_slice(step_prompts(len(task), step, args.batch_size // G, args.seed), d.rank, d.world)

@@ -437,6 +437,11 @@ def test_group_size_and_batch_errors(tmp_path, assets, capsys):
         T.check_args(args, world=4)
     with pytest.raises(ValueError, match="--parallel ddp needs --lora-rank > 0"):
         T.check_args(T.parse_args(["--preset", "tiny", "--out", "o", "--parallel", "ddp", "--lora-rank", "0"]), world=2)
+    hsdp = T.parse_args(["--preset", "tiny", "--out", "o", "--parallel", "hsdp", "--batch-size", "48"])
+    T.check_args(hsdp, world=4, per_node=2)  # 2 nodes x 2 processes
+    for world, per_node in ((2, 2), (6, 4)):  # one node; nodes of unequal size
+        with pytest.raises(ValueError, match="--parallel hsdp shards within a node and replicates across nodes"):
+            T.check_args(hsdp, world=world, per_node=per_node)
     assert "block_length=5 must divide" in run_main(capsys, tmp_path, assets, "--block-length", "5")
     assert_no_work(tmp_path)
 
