@@ -1,16 +1,24 @@
 """Speed figures for maskgrpo.py, printed as one JSON object. Nothing here is asserted about speed;
-the only assertion is that the vectorised sampler and the slow per-row oracle agree before timing.
-On a shared 2-core machine the whole run takes about 1-2 minutes.
+the only assertions are that the vectorised sampler and the slow per-row oracle agree before timing.
+On the idle 2-core machine the whole run takes a few minutes (the first run also trains and caches the
+fast-rollout model in runs/bench/, ~5 minutes).
 
     .venv/bin/python bench.py                # torch's default thread count
     .venv/bin/python bench.py --threads 1
 
-1. generate_text: tokens/s of the vectorised LLaDA sampler vs the per-row loop oracle of
-   tests/oracles.py (the one the tests use), greedy, identical outputs checked first.
+1. generate_text: tokens/s of the vectorised LLaDA sampler vs the per-row loop oracle of oracles.py
+   (the one the tests use), greedy, identical outputs checked first.
    Model d_model 128, 4 layers, vocab 64; batch 16, prompt 16, gen 64, block 16, steps 32.
-2. grpo_step: wall time of one step (mu = 4 inner updates, plus the old / reference scoring) for the
+2. fast_rollouts: the Fast-dLLM options of generate_text side by side on a canvas long enough to
+   matter (prompt 64, completion 256, block 32, 128 steps, batch 8, greedy): exact, prefix cache, dual
+   cache, threshold 0.9 without and with each cache. Per setting: tokens/s, speed-up over exact, model
+   forwards per completion, and the fraction of completion tokens equal to the exact sampler's output.
+   A random model is never confident, so threshold decoding would never fire: the model (d_model 128,
+   4 layers) is first trained for 300 ELBO steps on sequences that repeat a random motif of 2-6 tokens,
+   so that, like an instruct model on an easy answer, it is confident where the answer is determined.
+3. grpo_step: wall time of one step (mu = 4 inner updates, plus the old / reference scoring) for the
    "maskgrpo" and the "d1" estimator on the same rollout batch.
-3. Achieved GFLOP/s of the update's forward + backward (one masked_logps + grpo_loss + backward over
+4. Achieved GFLOP/s of the update's forward + backward (one masked_logps + grpo_loss + backward over
    the whole batch), FLOPs counted analytically, next to a float32 1024^3 matmul measured in this run:
        forward  = 2 * P_block * N * T          (matmuls of the blocks, P_block = n_layers (4 d^2 + 3 d f))
                 + 2 * d * V * N * L            (the head, only for the L completion columns)
@@ -24,7 +32,6 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 from dataclasses import replace
 from functools import partial
@@ -32,10 +39,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "tests"))
-from oracles import llada_generate_loop  # noqa: E402
-
-import maskgrpo as mg  # noqa: E402
+import maskgrpo as mg
+from oracles import llada_generate_loop
 
 VOCAB, EOS, MASK = 64, 1, 63
 BATCH, PROMPT, GEN, BLOCK, STEPS = 16, 16, 64, 16, 32
@@ -67,6 +72,68 @@ def bench_generate(model, prompts):
                 identical_output=True, vectorised_tokens_per_s=round(tokens / t_fast, 1),
                 per_row_loop_tokens_per_s=round(tokens / t_slow, 1), speedup=round(t_slow / t_fast, 2),
                 vectorised_s=round(t_fast, 4), per_row_loop_s=round(t_slow, 4))
+
+
+LONG = dict(prompt=64, gen=256, block=32, steps=128, batch=8)
+FAST_SETTINGS = (("exact", "none", None), ("prefix cache", "prefix", None), ("dual cache", "dual", None),
+                 ("threshold 0.9", "none", 0.9), ("prefix cache + threshold 0.9", "prefix", 0.9),
+                 ("dual cache + threshold 0.9", "dual", 0.9))
+
+
+def periodic_sequences(n, length, generator):
+    """(n, length) token ids repeating a random motif of 2-6 tokens (ids 2..62): every completion token
+    is determined by the prompt once the period is found."""
+    period = torch.randint(2, 7, (n, 1), generator=generator)
+    motif = torch.randint(2, MASK, (n, 6), generator=generator)
+    return motif.gather(1, torch.arange(length)[None] % period)
+
+
+def periodic_model(path, steps=300, batch=16):
+    """The fast-rollout bench model, trained with maskgrpo.elbo_loss on periodic_sequences (prompt never
+    masked) and cached at `path` (written atomically)."""
+    model = mg.MaskedDiffusionLM(mg.ModelConfig.tiny(VOCAB, MASK, EOS), generator=torch.Generator().manual_seed(5))
+    if path.exists():
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return model.eval()
+    g = torch.Generator().manual_seed(6)
+    T = LONG["prompt"] + LONG["gen"]
+    answer = torch.arange(T)[None].expand(batch, T) >= LONG["prompt"]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 2e-3 * min(1.0, (step + 1) / 20)
+        loss = mg.elbo_loss(model, periodic_sequences(batch, T, g), answer, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return model.eval()
+
+
+def bench_fast_rollouts(model):
+    prompts = periodic_sequences(LONG["batch"], LONG["prompt"], torch.Generator().manual_seed(7))
+    kw = dict(gen_length=LONG["gen"], block_length=LONG["block"], steps=LONG["steps"], temperature=0.0, mask_id=MASK,
+              return_trajectory=True)
+    mg.generate_text(model, prompts[:2], **(kw | dict(gen_length=LONG["block"], steps=LONG["steps"] // 8)))  # warm-up
+    rows, exact, tokens = {}, None, LONG["batch"] * LONG["gen"]
+    for name, cache, threshold in FAST_SETTINGS:
+        t0 = time.perf_counter()
+        x, trajectory = mg.generate_text(model, prompts, cache=cache, threshold=threshold, **kw)
+        seconds = time.perf_counter() - t0
+        completion = x[:, LONG["prompt"]:]
+        exact = completion if exact is None else exact
+        rows[name] = dict(tokens_per_s=round(tokens / seconds, 1), seconds=round(seconds, 3),
+                          forwards_per_completion=int(trajectory.max()),
+                          agreement_with_exact=round(float((completion == exact).float().mean()), 4))
+    for row in rows.values():
+        row["speedup"] = round(row["tokens_per_s"] / rows["exact"]["tokens_per_s"], 2)
+    setting = (f"d_model 128, 4 layers, vocab {VOCAB}, batch {LONG['batch']}, prompt {LONG['prompt']}, gen {LONG['gen']}, "
+               f"block {LONG['block']}, steps {LONG['steps']}, greedy; model trained 300 ELBO steps on periodic sequences")
+    return dict(setting=setting, settings=rows)
 
 
 def update_flops(cfg, N, T, L):
@@ -125,6 +192,7 @@ def bench_matmul(n=1024, repeats=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--cache-dir", default="runs/bench", help="where the trained fast-rollout model is cached")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -133,10 +201,12 @@ def main():
     model = mg.MaskedDiffusionLM(config, generator=torch.Generator().manual_seed(0))
     prompts = torch.randint(2, MASK, (BATCH, PROMPT), generator=torch.Generator().manual_seed(3))
     generate = bench_generate(model, prompts)
+    fast = bench_fast_rollouts(periodic_model(Path(args.cache_dir) / "periodic-d128.pt"))
     grpo, update = bench_grpo(model, prompts)
     matmul = bench_matmul()
     update["fraction_of_matmul_peak"] = round(update["gflops_per_s"] / matmul["gflops_per_s"], 3)
     print(json.dumps(dict(torch=torch.__version__, threads=torch.get_num_threads(), generate_text=generate,
+                          fast_rollouts=fast,
                           grpo_step=grpo, update_fwd_bwd=update, matmul_fp32=matmul,
                           total_s=round(time.perf_counter() - t0, 1)), indent=2))
 

@@ -30,23 +30,40 @@ Choices this implementation makes (and where it departs from the paper / officia
  5. Rollout Gumbel noise and confidences are computed in float64 (LLaDA's stated intent; the
     official RL code used bf16). Logits are computed only for the block being decoded.
  6. Images: rollouts may use classifier-free guidance; log-probs for the loss are always
-    conditional without guidance (the official code does the same, silently).
+    conditional without guidance (the official code does the same, silently). "maskgit" is
+    MMaDA's t2i_generate schedule (clamped counts, compounded Gumbel scale, choice temperature 1).
  7. The model takes a key-padding mask and honours it (the official LLaDA copy ignores it).
  8. LoRA is a few lines of our own (no `peft`/`transformers` dependency); the reference policy is
     the same model with adapters switched off. scale/ exports adapters in PEFT's file format.
  9. Groups (the G completions of one prompt) always live on one rank, so advantages need no
     cross-rank gather; token counts are summed over ranks so 1 process on 2B rows equals
     2 processes on B rows each. Distribution applies only when the world size is > 1.
-10. The text sampler never proposes [MASK] as a token (its logit is set to -inf), so a rollout
-    always ends fully unmasked. The ELBO draws t ~ U(1e-3, 1] (LLaDA's eps) to bound 1/t.
+10. The text sampler ranks candidates by LLaDA's confidence (softmax over the full vocabulary) but
+    never proposes [MASK] itself, so a rollout always ends fully unmasked. The ELBO draws
+    t ~ U(1e-3, 1] (LLaDA's eps) to bound 1/t.
 11. The d1 baseline masks the whole completion (t = 1) and each real prompt token with
     probability p_mask_prompt, redrawn per inner iteration and shared by old and current policy.
 12. KL is computed (and logged) only when beta > 0: with beta = 0 no reference model is needed.
+13. Fast rollouts (Fast-dLLM) are options, off by default: a KV cache refreshed at each block
+    boundary ("prefix", "dual") reuses keys/values that later commits have made stale, and
+    confidence-threshold decoding commits several tokens per step. Both change the sampling
+    distribution, so the rollout policy is no longer exactly the policy the estimator scores.
+    Images get neither: the image span is one bidirectional block (nothing outside it to cache
+    but the prompt), emerge has no confidence, and MaskGIT's count schedule is its definition.
+14. Missing rewards (NaN, +-inf, None) never reach the weights: their rows carry no loss and
+    their groups' baselines use the finite rewards (TRL's nan-aware choice, so one failed
+    verifier call costs one completion, not the run); an update whose gradient norm is not
+    finite is skipped. Both are counted in the stats. Config floats must be finite.
+15. Rev kinds beyond the paper: "trace" replays the sampler's recorded decoding order (TraceRL),
+    "official" reproduces the official code's ramp as it runs: its prompt_len is computed from a
+    1-D index and equals 1, so the ramp spans prompt + canvas and masks ~0.78 of the completion at
+    r = 0.63. The published text results come from that ramp.
 """
 
 import math
+import numbers
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -55,7 +72,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 # -----------------------------------------------------------------------------
-# Model config
+# Configs: the model (LLaDA architecture) and MaskGRPO training
+
+
+def _check_finite(config):
+    """Every float field (and every float in a tuple field) of a config dataclass must be finite: a NaN
+    temperature or learning rate would otherwise surface, if at all, as NaN weights many steps later."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        for v in value if isinstance(value, tuple) else (value,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"{type(config).__name__}.{f.name} must be a finite number, got {value}")
 
 
 @dataclass
@@ -72,11 +99,15 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size"):
+        _check_finite(self)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size", "max_sequence_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ValueError(f"ModelConfig.d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size")
+        for name in ("rope_theta", "rms_norm_eps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("mask_token_id", "eos_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)} is outside the vocabulary [0, {self.vocab_size})")
@@ -100,6 +131,100 @@ class ModelConfig:
         positions far faster with a small RoPE base (the arithmetic toy passes rope_theta=100)."""
         sizes = dict(d_model=128, n_layers=4, n_heads=4, mlp_hidden_size=384, max_sequence_length=512)
         return cls(vocab_size=vocab_size, mask_token_id=mask_token_id, eos_token_id=eos_token_id, **(sizes | overrides))
+
+
+REMASKING = ("arlike", "random", "trace", "official")  # Rev kinds of `remask`
+CACHES = ("none", "prefix", "dual")  # KV cache modes of `generate_text`
+
+
+@dataclass
+class GRPOConfig:
+    # rollouts (official text setting: LLaDA-8B-Instruct on GSM8K)
+    num_generations: int = 6  # G, completions per prompt (a group)
+    max_completion_length: int = 256  # L, the text canvas
+    block_length: int = 16  # semi-AR block size of the text sampler
+    diffusion_steps: int = 128  # sampler steps per completion (an upper bound with confidence_threshold)
+    temperature: float = 0.9  # rollout sampling temperature (evaluation uses 0 = greedy)
+    cache_implementation: str = "none"  # rollout KV cache: "none" (exact), "prefix" or "dual" (Fast-dLLM, approximate)
+    confidence_threshold: float | None = None  # rollout parallel decoding: commit every token above it (None = exact)
+    # estimator
+    num_iterations: int = 12  # mu, inner updates per rollout batch, one mask ratio each
+    min_mask_rate: float = 0.6  # gamma, truncation of the rising ratio schedule (0.8 for images)
+    remasking: str = "arlike"  # Rev: "arlike" (text), "random" (images, UniGRPO), "trace" or "official" (see remask)
+    estimator: str = "maskgrpo"  # "maskgrpo", or "d1" (diffu-GRPO one-step baseline)
+    p_mask_prompt: float = 0.15  # d1 only: prompt masking probability
+    shared_masks: bool = True  # old/ref/current scored on the same mask (False: ablation)
+    score_whole_canvas: bool = False  # True: score and attend EOS padding too (official behaviour)
+    inverse_ratio_weight: bool = False  # weight the loss by 1/r_j (the paper's ELBO term; official: off)
+    # loss
+    epsilon: float = 0.2  # PPO clip range
+    beta: float = 0.01  # KL weight (0 = no reference model needed)
+    loss_type: str = "token"  # "token" or "sequence" normalisation
+    scale_rewards: bool = True  # divide advantages by the group std
+    # optimiser
+    learning_rate: float = 3e-6  # AdamW lr (constant)
+    adam_betas: tuple = (0.9, 0.99)  # AdamW (beta1, beta2)
+    weight_decay: float = 0.1  # AdamW decoupled weight decay
+    max_grad_norm: float = 0.2  # gradient clipping (0 = none); a non-finite norm skips the update
+    micro_batch_size: int = 8  # rows per forward/backward (gradient accumulation inside one update)
+
+    def __post_init__(self):
+        _check_finite(self)
+        choices = dict(remasking=REMASKING, estimator=("maskgrpo", "d1"), loss_type=("token", "sequence"),
+                       cache_implementation=CACHES)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_generations < 2:
+            raise ValueError(f"GRPOConfig.num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
+        for name in ("max_completion_length", "block_length", "diffusion_steps", "num_iterations",
+                     "micro_batch_size", "epsilon", "learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_completion_length % self.block_length:
+            raise ValueError(f"GRPOConfig.block_length={self.block_length} must divide "
+                             f"max_completion_length={self.max_completion_length}")
+        blocks = self.max_completion_length // self.block_length
+        if self.diffusion_steps % blocks:
+            raise ValueError(f"GRPOConfig.diffusion_steps={self.diffusion_steps} must be a multiple of "
+                             f"the number of blocks ({blocks})")
+        if not 0 <= self.min_mask_rate < 1:
+            raise ValueError(f"GRPOConfig.min_mask_rate must be in [0, 1), got {self.min_mask_rate}")
+        for name in ("temperature", "beta", "weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.p_mask_prompt < 1:
+            raise ValueError(f"GRPOConfig.p_mask_prompt must be in [0, 1), got {self.p_mask_prompt}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"GRPOConfig.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.confidence_threshold is not None and not 0 < self.confidence_threshold <= 1:
+            raise ValueError(f"GRPOConfig.confidence_threshold must be None or in (0, 1], got {self.confidence_threshold}")
+
+
+# -----------------------------------------------------------------------------
+# Small helpers: argument checks and the distributed world (one process = world size 1)
+
+
+def _check_positive(**values):
+    for name, v in values.items():
+        if v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
+def _config(model):
+    return getattr(model, "module", model).config  # DDP wraps the model in .module
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_sum(x):
+    """Sum of a tensor over ranks; itself when there is one process."""
+    if world_size() > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
 
 
 # -----------------------------------------------------------------------------
@@ -146,16 +271,25 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.ff_out = nn.Linear(f, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask):
-        B, L, D = x.shape
+    def forward(self, x, cos, sin, attn_mask, kv=None, span=None):
+        """x (B, S, D): hidden states of the S positions computed (all T, or the positions `span`).
+        kv: this layer's cached (K, V), each (B, H, T, hd), from an earlier full forward; the span's own
+        keys and values replace the cached ones inside the span. Returns (x, (k, v) of the S positions)."""
+        B, S, D = x.shape
         n = self.attn_norm(x)
-        q, k, v = (p(n).view(B, L, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        # bidirectional attention: no causal mask, only key padding   (B, H, L, hd)
-        y = F.scaled_dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, attn_mask=attn_mask)
-        h = x + self.attn_out(y.transpose(1, 2).reshape(B, L, D))
+        q, k, v = (p(n).view(B, S, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, S, hd)
+        keys, values = k, v
+        if kv is not None:
+            # Fast-dLLM cache: K = [K_cache[:a], k, K_cache[b:]] (same for V), span = [a, b)   (B, H, T, hd)
+            keys = torch.cat([kv[0][:, :, : span.start], k, kv[0][:, :, span.stop :]], dim=2)
+            values = torch.cat([kv[1][:, :, : span.start], v, kv[1][:, :, span.stop :]], dim=2)
+        # bidirectional attention: no causal mask, only key padding
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)  # (B, H, S, hd)
+        h = x + self.attn_out(y.transpose(1, 2).reshape(B, S, D))
         m = self.ff_norm(h)
         # SwiGLU: ff_out(silu(ff_proj(m)) * up_proj(m))
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)
 
 
 class MaskedDiffusionLM(nn.Module):
@@ -177,25 +311,38 @@ class MaskedDiffusionLM(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02, generator=generator)  # no-op on the meta device
 
-    def forward(self, input_ids, attention_mask=None, *, positions=None, columns=None):
-        """input_ids (B, L); attention_mask (B, L) bool, False = padding that no token attends to.
+    def forward(self, input_ids, attention_mask=None, *, positions=None, columns=None, kv=None, span=None,
+                return_kv=False):
+        """input_ids (B, T); attention_mask (B, T) bool, False = padding that no token attends to.
         positions: slice of sequence positions and columns: slice of vocabulary entries for which
-        logits are computed (an 8B vocabulary makes full logits expensive). Returns fp32 logits."""
-        L = input_ids.shape[1]
-        if L > self.config.max_sequence_length:
-            raise ValueError(f"input length {L} exceeds max_sequence_length={self.config.max_sequence_length}")
+        logits are computed (an 8B vocabulary makes full logits expensive). Returns fp32 logits (B, P, V').
+        Approximate KV cache (Fast-dLLM, arXiv 2505.22618): return_kv=True also returns every layer's
+        (K, V) of this forward; a later call with that `kv` and a `span` (a slice of positions containing
+        `positions`) computes only the span's tokens, attending to fresh keys inside it and to the cached
+        ones outside. Exact while nothing outside the span has changed since the cache was made."""
+        B, T = input_ids.shape
+        if T > self.config.max_sequence_length:
+            raise ValueError(f"input length {T} exceeds max_sequence_length={self.config.max_sequence_length}")
+        span = slice(*(span or slice(0, T)).indices(T)[:2])
         t = self.model.transformer
-        x = t.wte(input_ids)  # (B, L, D)
-        cos, sin = rope_tables(L, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, L)
-        for block in t.blocks:
+        x = t.wte(input_ids[:, span])  # (B, S, D)
+        cos, sin = rope_tables(T, self.config.d_model // self.config.n_heads, self.config.rope_theta, x.device)
+        cos, sin = cos[span], sin[span]  # the span's RoPE angles, at its absolute positions
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        new_kv = []
+        for i, block in enumerate(t.blocks):
+            args = (x, cos, sin, mask, None if kv is None else kv[i], span)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x, layer_kv = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask)
-        x = t.ln_f(x[:, positions] if positions is not None else x)  # (B, P, D)
+                x, layer_kv = block(*args)
+            new_kv.append(layer_kv)
+        if positions is not None:
+            start, stop, _ = positions.indices(T)
+            x = x[:, start - span.start : stop - span.start]  # (B, P, D), positions inside the span
         w = t.ff_out.weight if columns is None else t.ff_out.weight[columns]  # (V', D)
-        return F.linear(x, w).float()  # (B, P, V')
+        logits = F.linear(t.ln_f(x), w).float()  # (B, P, V')
+        return (logits, new_kv) if return_kv else logits
 
 
 # -----------------------------------------------------------------------------
@@ -309,53 +456,104 @@ def transfer_counts(num_masked, steps):
     return base[:, None] + (torch.arange(steps, device=num_masked.device)[None] < rem[:, None]).long()
 
 
-def _check_positive(**values):
-    for name, v in values.items():
-        if v <= 0:
-            raise ValueError(f"{name} must be > 0, got {v}")
+def text_candidates(logits, temperature, mask_id, generator):
+    """One low-confidence-remasking draw at every position of a block: logits (B, Lb, V) float64 ->
+    candidates x0 (B, Lb) and their confidences (B, Lb). As LLaDA's generate(): x0 ~ softmax(l / tau)
+    by Gumbel-max, confidence = softmax(l)[x0] over the full vocabulary (un-tempered, [MASK] included in
+    the normaliser). Unlike LLaDA, [MASK] itself is never a candidate (a committed [MASK] would leave
+    the canvas masked; a trained model never proposes it, a random toy model does)."""
+    candidates = logits.clone()
+    candidates[..., mask_id] = -math.inf
+    x0 = gumbel_argmax(candidates, temperature, generator)
+    return x0, torch.gather(logits.softmax(-1), -1, x0[..., None]).squeeze(-1)
+
+
+def top_k_commit(conf, masked, k):
+    """The k (B,) most confident masked positions of each row: (B, Lb) bool. Ties (a measure-zero event
+    at temperature > 0) go to the lower position, as a stable sort."""
+    conf = torch.where(masked, conf, -math.inf)
+    rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)  # 0 = most confident
+    return (rank < k[:, None]) & masked
+
+
+def threshold_counts(conf, masked, threshold, scheduled):
+    """How many tokens a confidence-threshold step commits (Fast-dLLM parallel decoding): every masked
+    token with confidence > threshold, at least one, and at least the exact schedule's count, so that a
+    block always ends within its steps (`steps` is an upper bound). conf, masked (B, Lb); scheduled (B,)."""
+    above = ((conf > threshold) & masked).sum(1)
+    return torch.maximum(above, scheduled).clamp(min=1)
+
+
+def _check_token_ids(model, **tensors):
+    vocab = _config(model).vocab_size
+    for name, ids in tensors.items():
+        if ids is not None and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"{name} holds token id {bad}, outside the model's vocabulary [0, {vocab})")
 
 
 @torch.no_grad()
 def generate_text(model, prompt_ids, *, gen_length, block_length, steps, temperature, mask_id,
-                  generator=None, attention_mask=None, on_step=None):
+                  generator=None, attention_mask=None, cache="none", threshold=None, return_trajectory=False,
+                  on_step=None):
     """LLaDA generate (arXiv 2502.09992, Alg. 5, low-confidence remasking), vectorised over rows.
     Canvas = prompt + gen_length masks, decoded block by block left to right; each block gets
     steps * block_length / gen_length steps; each step samples a candidate for every masked
-    position of the block (Gumbel-max at `temperature`), scores it by its softmax probability and
-    commits the top-k. Committed tokens never change. prompt_ids (B, P), left-padded with
-    attention_mask (B, P). Returns (B, P + gen_length). on_step(step, x) sees every canvas."""
+    position of the block and commits the k most confident (text_candidates, top_k_commit).
+    Committed tokens never change. prompt_ids (B, P), left-padded with attention_mask (B, P).
+    Returns (B, P + gen_length), and with return_trajectory=True also the decoding trajectory
+    (B, gen_length): the step (1-based model forward) at which each completion token was committed.
+    Fast-dLLM (arXiv 2505.22618) options, both approximations of this sampler:
+      cache="prefix": at each block's first step one full forward caches every layer's keys/values;
+        the other steps recompute only the block and the canvas after it (the prefix comes from the
+        cache). cache="dual": only the block is recomputed (prefix and suffix from the cache).
+      threshold=float: every masked token of the block with confidence > threshold is committed, at
+        least the schedule's count; a block ends as soon as it is filled (fewer forwards).
+    cache="none", threshold=None is the exact LLaDA sampler. on_step(step, x) sees every canvas."""
     _check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
     if gen_length % block_length:
         raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
     num_blocks = gen_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps={steps} must be a multiple of the number of blocks ({num_blocks})")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if threshold is not None and not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be None or in (0, 1], got {threshold}")
+    _check_token_ids(model, prompt_ids=prompt_ids, mask_id=torch.tensor([mask_id]))
     B, P = prompt_ids.shape
-    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)  # (B, P+L)
+    x = torch.cat([prompt_ids, prompt_ids.new_full((B, gen_length), mask_id)], dim=1)  # (B, T)
+    T = x.shape[1]
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.bool(), attention_mask.new_ones((B, gen_length), dtype=torch.bool)], 1)
+    committed_at = torch.zeros((B, gen_length), dtype=torch.long, device=x.device)  # 0 = not yet
     steps_per_block, step = steps // num_blocks, 0
     for b in range(num_blocks):
         block = slice(P + b * block_length, P + (b + 1) * block_length)
         counts = transfer_counts((x[:, block] == mask_id).sum(1), steps_per_block)  # (B, S)
+        kv = None
         for s in range(steps_per_block):
-            logits = model(x, attention_mask, positions=block).double()  # (B, Lb, V)
-            logits[..., mask_id] = -math.inf  # [MASK] is never a candidate
             masked = x[:, block] == mask_id  # (B, Lb)
-            x0 = gumbel_argmax(logits, temperature, generator)  # (B, Lb)
-            # confidence = pi(x0) under the un-noised logits; only masked positions compete
-            conf = torch.gather(logits.softmax(-1), -1, x0[..., None]).squeeze(-1)
-            conf = torch.where(masked, conf, -math.inf)
-            # commit the counts[:, s] most confident positions of each row
-            rank = conf.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
-            commit = (rank < counts[:, s, None]) & masked
+            if not masked.any():  # only after threshold steps committed the whole block early
+                break
+            if cache == "none":
+                logits = model(x, attention_mask, positions=block)
+            elif kv is None:  # refresh at the block boundary: one full forward, cached
+                logits, kv = model(x, attention_mask, positions=block, return_kv=True)
+            else:
+                span = slice(block.start, T) if cache == "prefix" else block
+                logits = model(x, attention_mask, positions=block, kv=kv, span=span)
+            x0, conf = text_candidates(logits.double(), temperature, mask_id, generator)  # (B, Lb) each
+            k = counts[:, s] if threshold is None else threshold_counts(conf, masked, threshold, counts[:, s])
+            commit = top_k_commit(conf, masked, k)
             x[:, block] = torch.where(commit, x0, x[:, block])
             step += 1
+            committed_at[:, block.start - P : block.stop - P][commit] = step
             if on_step is not None:
                 on_step(step, x)
-    return x
+    return (x, committed_at) if return_trajectory else x
 
 
 def guided_logits(model, x, uncond, guidance_scale, attention_mask, uncond_mask, positions, columns):
@@ -371,42 +569,67 @@ def guided_logits(model, x, uncond, guidance_scale, attention_mask, uncond_mask,
     return (1 + guidance_scale) * cond - guidance_scale * unc
 
 
+def emerge_reveal_prob(step, steps):
+    # P(reveal at step s | still masked) = (k_t - k_s) / k_t, k_t = k(s/T), k_s = k((s+1)/T); the last step fills all
+    if step == steps - 1:
+        return 1.0
+    k_t, k_s = cosine_masked_fraction(step / steps), cosine_masked_fraction((step + 1) / steps)
+    return (k_t - k_s) / k_t
+
+
+def maskgit_keep_masked(num_tokens, unknown, step, steps):
+    """How many tokens MaskGIT leaves masked after step s of T (MMaDA's t2i_generate, modeling_mmada.py):
+    max(1, min(unknown - 1, floor(N * cos(pi/2 * (s+1)/T)))): at least one revealed and one kept per
+    step; after the last step MMaDA returns every sampled token, so nothing stays masked. unknown (B,)."""
+    if step == steps - 1:
+        return torch.zeros_like(unknown)
+    scheduled = math.floor(num_tokens * cosine_masked_fraction((step + 1) / steps))
+    return (unknown - 1).clamp(max=scheduled).clamp(min=1)
+
+
+def maskgit_choice_temperature(initial, step, steps):
+    # Gumbel noise scale of step s, compounded as MMaDA: tau_s = tau_0 * prod_{i<=s} (1 - (i+1)/T)
+    return initial * math.prod(1 - (i + 1) / steps for i in range(step + 1))
+
+
 @torch.no_grad()
 def generate_image(model, input_ids, *, positions, columns, steps, mask_id, mode="emerge",
                    guidance_scale=0.0, uncond_ids=None, temperature=1.0, generator=None,
-                   attention_mask=None, uncond_attention_mask=None, choice_temperature=4.5, on_step=None):
+                   attention_mask=None, uncond_attention_mask=None, choice_temperature=1.0, on_step=None):
     """Fill the [MASK] tokens at `positions` (a slice) with image codes; logits are restricted to the
     vocabulary `columns` (a slice: token id = columns.start + code). Cosine schedule k(tau).
     mode "emerge": the MDLM ancestral sampler; at step s each still-masked token reveals a draw
-      from pi with prob. (k_t - k_s) / k_t, k_t = k(s/T), k_s = k((s+1)/T); reveal counts are random.
-    mode "maskgit" (MMaDA default): sample every masked token, confidence = log p + annealed Gumbel
-      noise, keep floor(N * k((s+1)/T)) lowest-confidence ones masked.
+      from pi with prob. emerge_reveal_prob(s, T); reveal counts are random.
+    mode "maskgit" (MMaDA's t2i_generate): sample every masked token, confidence = log p + tau_s * Gumbel
+      noise (maskgit_choice_temperature), keep the maskgit_keep_masked(...) least confident masked.
+    The image span is decoded as one bidirectional block, so Fast-dLLM's cache and threshold do not
+    apply (see the module docstring, choice 13).
     uncond_ids: the same layout with an empty prompt (needed when guidance_scale > 0)."""
     _check_positive(steps=steps)
     if mode not in ("emerge", "maskgit"):
         raise ValueError(f"mode must be 'emerge' or 'maskgit', got {mode!r}")
     if guidance_scale and (uncond_ids is None or uncond_ids.shape != input_ids.shape):
         raise ValueError("guidance_scale > 0 needs uncond_ids of the same shape as input_ids")
+    _check_token_ids(model, input_ids=input_ids, uncond_ids=uncond_ids)
     x = input_ids.clone()
     uncond = None if uncond_ids is None else uncond_ids.clone()
     N = x[:, positions].shape[1]  # image tokens
     for s in range(steps):
-        k_t, k_s = cosine_masked_fraction(s / steps), cosine_masked_fraction((s + 1) / steps)
         masked = x[:, positions] == mask_id  # (B, N)
         logits = guided_logits(model, x, uncond, guidance_scale, attention_mask, uncond_attention_mask,
                                positions, columns) / max(temperature, 1e-6)
         x0 = gumbel_argmax(logits, 1.0, generator)  # (B, N) a draw from softmax(logits / tau)
         if mode == "emerge":
             u = torch.rand(masked.shape, generator=generator, device=x.device)
-            reveal = masked & (u < (k_t - k_s) / k_t) if s < steps - 1 else masked
+            reveal = masked & (u < emerge_reveal_prob(s, steps))
         else:
             logp = torch.gather(logits.log_softmax(-1), -1, x0[..., None]).squeeze(-1).double()
             u = torch.rand(masked.shape, generator=generator, device=x.device, dtype=torch.float64)
-            noise = choice_temperature * (1 - (s + 1) / steps) * -torch.log(-torch.log(u.clamp_min(1e-300)))
+            noise = maskgit_choice_temperature(choice_temperature, s, steps) * -torch.log(-torch.log(u.clamp_min(1e-300)))
             conf = torch.where(masked, logp + noise, math.inf)
-            keep_masked = math.floor(N * k_s)
+            keep = maskgit_keep_masked(N, masked.sum(1), s, steps)  # (B,)
             rank = conf.argsort(dim=1, stable=True).argsort(dim=1)  # 0 = least confident
-            reveal = masked & (rank >= keep_masked)
+            reveal = masked & (rank >= keep[:, None])
         x[:, positions] = torch.where(reveal, x0 + columns.start, x[:, positions])
         if uncond is not None:
             uncond[:, positions] = x[:, positions]
@@ -428,25 +651,28 @@ class Completions:
     positions: slice  # the completion's columns [start, start + L) of `sequences`
     scored: torch.Tensor  # (N, L) bool: completion tokens that may be masked and carry loss
     columns: slice | None = None  # vocabulary slice for the logits (image codes); None = all
+    trajectory: torch.Tensor | None = None  # (N, L) step at which each token was committed (Rev "trace")
 
     @property
     def completion(self):
         return self.sequences[:, self.positions]  # (N, L)
 
     def rows(self, idx):
-        return replace(self, sequences=self.sequences[idx], attention_mask=self.attention_mask[idx], scored=self.scored[idx])
+        return replace(self, sequences=self.sequences[idx], attention_mask=self.attention_mask[idx], scored=self.scored[idx],
+                       trajectory=None if self.trajectory is None else self.trajectory[idx])
 
 
-def text_completions(sequences, prompt_mask, eos_id, score_whole_canvas=False):
-    """Wrap generate_text output. By default a completion ends at its first EOS (inclusive): later
-    tokens carry no loss (draw_mask keeps them masked). score_whole_canvas=True scores the whole
-    canvas (official)."""
+def text_completions(sequences, prompt_mask, eos_id, score_whole_canvas=False, trajectory=None):
+    """Wrap generate_text output (and its decoding trajectory, when recorded). By default a completion
+    ends at its first EOS (inclusive): later tokens carry no loss (draw_mask keeps them masked).
+    score_whole_canvas=True scores the whole canvas (official)."""
     P = prompt_mask.shape[1]
     comp = sequences[:, P:]  # (N, L)
     is_eos = (comp == eos_id).long()
     scored = torch.ones_like(comp, dtype=torch.bool) if score_whole_canvas else (is_eos.cumsum(1) - is_eos) == 0
     attend = torch.ones_like(scored)  # the whole canvas, as the sampler saw it
-    return Completions(sequences, torch.cat([prompt_mask.bool(), attend], 1), slice(P, sequences.shape[1]), scored)
+    return Completions(sequences, torch.cat([prompt_mask.bool(), attend], 1), slice(P, sequences.shape[1]), scored,
+                       trajectory=trajectory)
 
 
 def mask_ratio(iteration, num_iterations, min_mask_rate):
@@ -456,24 +682,44 @@ def mask_ratio(iteration, num_iterations, min_mask_rate):
     return min(min_mask_rate + (1 - min_mask_rate) * (iteration + 1) / num_iterations, 0.999)
 
 
-def remask(completion_ids, ratio, kind, generator, scored=None):
+def remask(completion_ids, ratio, kind, generator, scored=None, *, order=None, prompt_length=0):
     """Rev: re-mask a finished completion to mask level `ratio`. Returns (N, L) bool, True = masked.
-    "random": iid with prob. ratio. "arlike" (fading-out): later tokens are more likely masked,
-      P(mask at n of L) = clamp(1 - 2 (1 - ratio) (1 - n / (L - 1)), 0, 1); expected fraction = ratio
-      for ratio >= 0.5. L is each row's scored length (`scored` (N, L) bool, a prefix of the row)."""
+    Only `scored` tokens ((N, L) bool, a prefix of each row; default all) are ever masked.
+    "random": iid with prob. ratio (UniGRPO; MaskGRPO's image Rev).
+    The other kinds mask late tokens more (MaskGRPO's "fading-out" ramp, paper §4.2):
+        P(mask) = clamp(1 - 2 (1 - ratio) (1 - f), 0, 1),  f in [0, 1] = how late the token comes,
+    so the expected masked fraction is `ratio` for ratio >= 0.5. They differ in what "late" means:
+    "arlike": f = n / (L - 1), n = position in the scored answer of L tokens (a proxy for decoding order).
+    "trace": f = the token's rank in the decoding order that the sampler actually took, `order` (N, L)
+      = the step at which each token was committed (generate_text(return_trajectory=True)); tokens
+      committed in the same step rank by position (TraceRL / d2 replay this order).
+    "official": the ramp as the official code runs it (grpo/mask_grpo_train.py, `remask_ar`): its
+      prompt_len = prompt_index[0].sum() of a 1-D index is 1, so the ramp spans prompt + canvas:
+      f = (prompt_length - 1 + n) / (prompt_length + L - 2), n over the whole canvas of L tokens. At
+      r = 0.633 it masks ~0.78 of a 30-token canvas after a 20-token prompt, not 0.63."""
     N, L = completion_ids.shape
+    device = completion_ids.device
     if scored is None:
         scored = torch.ones_like(completion_ids, dtype=torch.bool)
+    n = torch.arange(L, device=device).float()[None]  # (1, L)
+    last = scored.sum(1, keepdim=True).float() - 1  # (N, 1)  L_b - 1
     if kind == "random":
-        p = torch.full((N, L), ratio, device=completion_ids.device)
-    elif kind == "arlike":
-        n = torch.arange(L, device=completion_ids.device).float()[None]  # (1, L)
-        last = scored.sum(1, keepdim=True).float() - 1  # (N, 1)  L_b - 1
+        p = torch.full((N, L), ratio, device=device)
+    elif kind in ("arlike", "trace"):
+        if kind == "trace":
+            if order is None:
+                raise ValueError("remask kind 'trace' needs the decoding order: generate_text(..., return_trajectory=True)")
+            # n = rank in commit order among the scored tokens (unscored ones sort last; ties by position)
+            key = order.masked_fill(~scored, int(order.max()) + 1)
+            n = key.argsort(dim=1, stable=True).argsort(dim=1).float()  # (N, L)
         frac = torch.where(last > 0, n / last.clamp(min=1), 0.5)  # n / (L - 1); a 1-token answer sits mid-ramp (p = r)
         p = (1 - 2 * (1 - ratio) * (1 - frac)).clamp(0, 1)
+    elif kind == "official":
+        frac = (prompt_length - 1 + n) / max(prompt_length + L - 2, 1)  # (1, L)
+        p = (1 - 2 * (1 - ratio) * (1 - frac)).clamp(0, 1).expand(N, L)
     else:
-        raise ValueError(f"remask kind must be 'random' or 'arlike', got {kind!r}")
-    return (torch.rand((N, L), generator=generator, device=completion_ids.device) < p) & scored
+        raise ValueError(f"remask kind must be one of {REMASKING}, got {kind!r}")
+    return (torch.rand((N, L), generator=generator, device=device) < p) & scored
 
 
 def draw_mask(batch, cfg, iteration, generator):
@@ -490,7 +736,9 @@ def draw_mask(batch, cfg, iteration, generator):
         mask[:, batch.positions] = True
     else:
         ratio = mask_ratio(iteration, cfg.num_iterations, cfg.min_mask_rate)
-        mask[:, batch.positions] = remask(batch.completion, ratio, cfg.remasking, generator, batch.scored) | ~batch.scored
+        rev = remask(batch.completion, ratio, cfg.remasking, generator, batch.scored, order=batch.trajectory,
+                     prompt_length=batch.positions.start)
+        mask[:, batch.positions] = rev | ~batch.scored
     return mask
 
 
@@ -508,15 +756,22 @@ def masked_logps(model, batch, mask):
 
 
 def group_advantages(rewards, num_generations, scale_rewards=True):
-    # A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std; groups are consecutive rows
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), unbiased std; groups are consecutive rows.
+    A non-finite reward (NaN from a failed verifier, +-inf) counts as missing, as TRL's nan-aware means:
+    the group's mean and std use its finite rewards, and the missing row gets A = 0. A group with fewer
+    than 2 finite rewards, or with all of them equal, has no signal: A = 0 for every row."""
     if rewards.ndim != 1 or rewards.numel() % num_generations:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of num_generations={num_generations}")
     r = rewards.float().view(-1, num_generations)  # (groups, G)
-    adv = r - r.mean(1, keepdim=True)
+    ok = torch.isfinite(r)
+    n = ok.sum(1, keepdim=True)  # finite rewards per group
+    mean = torch.where(ok, r, 0).sum(1, keepdim=True) / n.clamp(min=1)
+    adv = torch.where(ok, r - mean, 0)
     if scale_rewards:
-        adv = adv / (r.std(1, keepdim=True) + 1e-4)
-    same = (r == r[:, :1]).all(1, keepdim=True)  # zero-std group: exactly no signal
-    return torch.where(same, torch.zeros_like(adv), adv).view(-1)
+        adv = adv / ((adv.pow(2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt() + 1e-4)
+    spread = torch.where(ok, r, -math.inf).amax(1, keepdim=True) - torch.where(ok, r, math.inf).amin(1, keepdim=True)
+    signal = ok & (n >= 2) & (spread > 0)  # all-equal groups give exactly 0, not rounding noise
+    return torch.where(signal, adv, 0).view(-1)
 
 
 def grpo_loss(logps, old_logps, ref_logps, advantages, loss_mask, *, epsilon, beta, loss_type="token"):
@@ -554,78 +809,6 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, loss_mask, *, epsilon, be
 # Training step: rollout -> rewards -> advantages -> old/ref log-probs -> mu updates
 
 
-@dataclass
-class GRPOConfig:
-    # rollouts (official text setting: LLaDA-8B-Instruct on GSM8K)
-    num_generations: int = 6  # G, completions per prompt (a group)
-    max_completion_length: int = 256  # L, the text canvas
-    block_length: int = 16  # semi-AR block size of the text sampler
-    diffusion_steps: int = 128  # sampler steps per completion
-    temperature: float = 0.9  # rollout sampling temperature (evaluation uses 0 = greedy)
-    # estimator
-    num_iterations: int = 12  # mu, inner updates per rollout batch, one mask ratio each
-    min_mask_rate: float = 0.6  # gamma, truncation of the rising ratio schedule (0.8 for images)
-    remasking: str = "arlike"  # Rev: "arlike" (text) or "random" (images, UniGRPO)
-    estimator: str = "maskgrpo"  # "maskgrpo", or "d1" (diffu-GRPO one-step baseline)
-    p_mask_prompt: float = 0.15  # d1 only: prompt masking probability
-    shared_masks: bool = True  # old/ref/current scored on the same mask (False: ablation)
-    score_whole_canvas: bool = False  # True: score and attend EOS padding too (official behaviour)
-    inverse_ratio_weight: bool = False  # weight the loss by 1/r_j (the paper's ELBO term; official: off)
-    # loss
-    epsilon: float = 0.2  # PPO clip range
-    beta: float = 0.01  # KL weight (0 = no reference model needed)
-    loss_type: str = "token"  # "token" or "sequence" normalisation
-    scale_rewards: bool = True  # divide advantages by the group std
-    # optimiser
-    learning_rate: float = 3e-6
-    adam_betas: tuple = (0.9, 0.99)
-    weight_decay: float = 0.1
-    max_grad_norm: float = 0.2
-    micro_batch_size: int = 8  # rows per forward/backward (gradient accumulation inside one update)
-
-    def __post_init__(self):
-        choices = dict(remasking=("arlike", "random"), estimator=("maskgrpo", "d1"), loss_type=("token", "sequence"))
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"GRPOConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_generations < 2:
-            raise ValueError(f"GRPOConfig.num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}")
-        for name in ("max_completion_length", "block_length", "diffusion_steps", "num_iterations",
-                     "micro_batch_size", "epsilon", "learning_rate"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)}")
-        if self.max_completion_length % self.block_length:
-            raise ValueError(f"GRPOConfig.block_length={self.block_length} must divide "
-                             f"max_completion_length={self.max_completion_length}")
-        blocks = self.max_completion_length // self.block_length
-        if self.diffusion_steps % blocks:
-            raise ValueError(f"GRPOConfig.diffusion_steps={self.diffusion_steps} must be a multiple of "
-                             f"the number of blocks ({blocks})")
-        if not 0 <= self.min_mask_rate < 1:
-            raise ValueError(f"GRPOConfig.min_mask_rate must be in [0, 1), got {self.min_mask_rate}")
-        for name in ("temperature", "beta", "weight_decay", "max_grad_norm"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"GRPOConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.p_mask_prompt < 1:
-            raise ValueError(f"GRPOConfig.p_mask_prompt must be in [0, 1), got {self.p_mask_prompt}")
-
-
-def _config(model):
-    return getattr(model, "module", model).config  # DDP wraps the model in .module
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def global_sum(x):
-    """Sum of a tensor over ranks; itself when there is one process."""
-    if world_size() > 1:
-        x = x.clone()
-        dist.all_reduce(x)
-    return x
-
-
 def make_optimizer(model, cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
@@ -633,14 +816,16 @@ def make_optimizer(model, cfg):
 
 @torch.no_grad()
 def rollout_text(model, prompt_ids, prompt_mask, cfg, generator):
-    """G completions per prompt (rows of a group are consecutive) -> Completions."""
-    mc = _config(model)
-    seq = generate_text(model, prompt_ids.repeat_interleave(cfg.num_generations, 0),
-                        gen_length=cfg.max_completion_length, block_length=cfg.block_length,
-                        steps=cfg.diffusion_steps, temperature=cfg.temperature, mask_id=mc.mask_token_id,
-                        generator=generator, attention_mask=prompt_mask.repeat_interleave(cfg.num_generations, 0))
-    return text_completions(seq, prompt_mask.repeat_interleave(cfg.num_generations, 0), mc.eos_token_id,
-                            cfg.score_whole_canvas)
+    """G completions per prompt (rows of a group are consecutive) -> Completions, with the decoding
+    trajectory. The sampler options come from cfg (cache_implementation, confidence_threshold)."""
+    mc, G = _config(model), cfg.num_generations
+    prompt_mask = prompt_mask.repeat_interleave(G, 0)
+    seq, trajectory = generate_text(
+        model, prompt_ids.repeat_interleave(G, 0), gen_length=cfg.max_completion_length, block_length=cfg.block_length,
+        steps=cfg.diffusion_steps, temperature=cfg.temperature, mask_id=mc.mask_token_id, generator=generator,
+        attention_mask=prompt_mask, cache=cfg.cache_implementation, threshold=cfg.confidence_threshold,
+        return_trajectory=True)
+    return text_completions(seq, prompt_mask, mc.eos_token_id, cfg.score_whole_canvas, trajectory)
 
 
 @torch.no_grad()
@@ -655,42 +840,71 @@ def _units(loss_mask, loss_type):
     return loss_mask.sum().float() if loss_type == "token" else loss_mask.new_tensor(loss_mask.shape[0], dtype=torch.float)
 
 
+def as_rewards(rewards, n, device=None):
+    """Rewards as a float tensor (n,): a tensor, or a list of numbers in which None marks a missing
+    reward (a verifier that failed). Anything else is refused here, before any work."""
+    if not torch.is_tensor(rewards):
+        rewards = list(rewards)
+        for i, r in enumerate(rewards):
+            if r is not None and (isinstance(r, bool) or not isinstance(r, numbers.Real)):
+                raise TypeError(f"rewards[{i}] = {r!r} is not a number (None marks a missing reward)")
+        rewards = torch.tensor([math.nan if r is None else float(r) for r in rewards])
+    if rewards.shape != (n,):
+        raise ValueError(f"rewards must have shape ({n},), one per completion, got {tuple(rewards.shape)}")
+    if rewards.dtype == torch.bool or rewards.is_complex():
+        raise TypeError(f"rewards must be real numbers, got a {rewards.dtype} tensor")
+    return rewards.to(device=device, dtype=torch.float32)
+
+
 def _update(policy, optimizer, batch, mask, old, ref, adv, loss_mask, cfg, weight):
-    """One optimiser update on one mask: micro-batched forward/backward, clip, step. Returns stats."""
+    """One optimiser update on one mask: micro-batched forward/backward, clip, step. Returns stats.
+    Skipped (nothing applied, skipped_updates = 1) when no token carries loss on any rank, or when the
+    gradient norm is not finite: a NaN never reaches the weights."""
+    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=0.0, ratio_max=0.0, masked_tokens=0, grad_norm=0.0,
+                 skipped_updates=1)
+    if int(global_sum(loss_mask.sum())) == 0:  # the same decision on every rank: no collective is left unmatched
+        return stats
     # every micro-batch is normalised by the global count, x world because FSDP/DDP average gradients
     n_total = global_sum(_units(loss_mask, cfg.loss_type)).clamp(min=1)
     optimizer.zero_grad(set_to_none=True)
     sums, tokens, ratio_max = dict(loss=0.0, clip_frac=0.0, kl=0.0, ratio_mean=0.0), 0, 0.0
     for i in torch.arange(len(mask)).split(cfg.micro_batch_size):
         logps = masked_logps(policy, batch.rows(i), mask[i])
-        loss, stats = grpo_loss(logps, old[i], None if ref is None else ref[i], adv[i], loss_mask[i],
-                                epsilon=cfg.epsilon, beta=cfg.beta, loss_type=cfg.loss_type)
+        loss, step_stats = grpo_loss(logps, old[i], None if ref is None else ref[i], adv[i], loss_mask[i],
+                                     epsilon=cfg.epsilon, beta=cfg.beta, loss_type=cfg.loss_type)
         share = _units(loss_mask[i], cfg.loss_type) / n_total
         (loss * share * world_size() * weight).backward()
         n = int(loss_mask[i].sum())
         sums["loss"] += float(loss.detach() * share)
         for k in ("clip_frac", "kl", "ratio_mean"):
-            sums[k] += float(stats[k]) * n
-        tokens, ratio_max = tokens + n, max(ratio_max, float(stats["ratio_max"]))
+            sums[k] += float(step_stats[k]) * n
+        tokens, ratio_max = tokens + n, max(ratio_max, float(step_stats["ratio_max"]))
     params = [p for p in policy.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm or math.inf)
-    optimizer.step()
+    grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())  # the global norm, as every rank sees it
+    skipped = not math.isfinite(grad_norm)
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
     out = {k: v / max(tokens, 1) for k, v in sums.items() if k != "loss"}
-    return out | dict(loss=sums["loss"], ratio_max=ratio_max, masked_tokens=tokens,
-                      grad_norm=float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()))
+    return out | dict(loss=sums["loss"], ratio_max=ratio_max, masked_tokens=tokens, grad_norm=grad_norm,
+                      skipped_updates=int(skipped))
 
 
 def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None):
     """One MaskGRPO step on a finished rollout batch: mu optimiser updates, update j on mask M_j
-    at ratio r_j for the whole batch. reference: a frozen copy of the initial policy; None uses the
-    policy with LoRA adapters off (or nothing when beta = 0). Returns a dict of float stats
-    (averaged over the mu updates; ratio_max is the maximum). With several ranks `loss` is this rank's
-    share (the ranks' values sum to the loss); the other stats are this rank's means."""
+    at ratio r_j for the whole batch. rewards: (N,) tensor or list; a non-finite or None reward is
+    missing: its row carries no loss and its group's baseline uses the others (group_advantages).
+    reference: a frozen copy of the initial policy; None uses the policy with LoRA adapters off (or
+    nothing when beta = 0). Returns a dict of float stats, averaged over the mu updates (ratio_max:
+    the maximum; skipped_updates: the count; nonfinite_rewards: missing rewards). With several ranks
+    `loss` is this rank's share (the ranks' values sum to the loss); the other stats are this rank's means."""
     N = batch.sequences.shape[0]
-    if rewards.shape != (N,):
-        raise ValueError(f"rewards must have shape ({N},), got {tuple(rewards.shape)}")
+    rewards = as_rewards(rewards, N, batch.sequences.device)
     if cfg.beta > 0 and reference is None and not has_lora(policy):
         raise ValueError("beta > 0 needs a reference model (a frozen copy) or LoRA adapters on the policy")
+    finite = torch.isfinite(rewards)  # (N,)
     adv = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)  # (N,)
     mu, P = cfg.num_iterations, batch.positions
     masks = [draw_mask(batch, cfg, j, generator) for j in range(mu)]  # M_j, (N, T) each
@@ -703,8 +917,8 @@ def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None)
             ref = [_score_all(ref_model, batch, m, cfg.micro_batch_size) for m in masks_ref]
     history = []
     for j in range(mu):
-        # tokens carrying loss: masked by M_j (by every policy's mask when masks are not shared)
-        loss_mask = masks[j][:, P] & masks_old[j][:, P] & batch.scored
+        # tokens carrying loss: masked by M_j (by every policy's mask when masks are not shared), in rows with a reward
+        loss_mask = masks[j][:, P] & masks_old[j][:, P] & batch.scored & finite[:, None]
         if cfg.beta > 0:
             loss_mask &= masks_ref[j][:, P]
         # the paper's ELBO weight 1/t, t = r_j (the d1 estimator masks everything: t = 1)
@@ -713,7 +927,8 @@ def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None)
             weight = 1 / mask_ratio(j, mu, cfg.min_mask_rate)
         history.append(_update(policy, optimizer, batch, masks[j], old[j], ref[j], adv, loss_mask, cfg, weight))
     out = {k: sum(h[k] for h in history) / mu for k in history[0]}
-    r = rewards.float()
-    return out | dict(ratio_max=max(h["ratio_max"] for h in history), reward_mean=float(r.mean()),
-                      reward_std=float(r.std()),
-                      zero_std_frac=float((r.view(-1, cfg.num_generations).std(1) == 0).float().mean()))
+    r = rewards[finite]
+    return out | dict(ratio_max=max(h["ratio_max"] for h in history), skipped_updates=sum(h["skipped_updates"] for h in history),
+                      reward_mean=float(r.mean()) if len(r) else math.nan, reward_std=float(r.std()) if len(r) > 1 else 0.0,
+                      zero_std_frac=float((adv.view(-1, cfg.num_generations) == 0).all(1).float().mean()),
+                      nonfinite_rewards=int((~finite).sum()))

@@ -1,4 +1,4 @@
-"""Tests of maskgrpo.py: numerical pieces against the slow loop oracles of tests/oracles.py, the method's
+"""Tests of maskgrpo.py: numerical pieces against the slow loop oracles of oracles.py, the method's
 invariants, and a tiny end-to-end MaskGRPO run. Every random draw uses an explicit torch.Generator.
 
     .venv/bin/python -m pytest tests -q
@@ -9,6 +9,8 @@ import math
 
 import pytest
 import torch
+
+import maskgrpo as mg
 from oracles import (
     arlike_mask_prob,
     elbo_loss_loop,
@@ -17,8 +19,6 @@ from oracles import (
     llada_generate_loop,
     num_transfer_tokens_loop,
 )
-
-import maskgrpo as mg
 
 # Text toy vocabulary: 0 pad, 1 EOS, 2..17 words, 19 [MASK] (18 unused).
 VOCAB, PAD, EOS, MASK = 20, 0, 1, 19
@@ -326,14 +326,25 @@ def test_generate_image_fills_every_mask_with_codes_and_keeps_the_prompt(mode, g
     assert torch.equal(x[:, pos], torch.full_like(x[:, pos], IMG_MASK))  # the input is not modified in place
 
 
-def test_maskgit_keeps_the_cosine_count_masked():
+@pytest.mark.parametrize("steps", [7, 15])
+def test_maskgit_masked_count_follows_mmada_rule(steps):
+    """MMaDA's t2i_generate keeps mask_len = max(1, min(unknown - 1, floor(N cos(pi/2 (s+1)/T)))) tokens
+    masked after step s and returns every sampled token after the last one; 15 steps on 16 tokens make
+    the clamp act (the cosine count stalls). Its Gumbel scale is compounded: tau_s = tau_0 prod_{i<=s} (1 - (i+1)/T)."""
     model = image_model()
     x, _, _, pos = image_canvas(5, 6)
-    N, T, still = 16, 7, []
-    mg.generate_image(model, x, positions=pos, columns=CODES, steps=T, mask_id=IMG_MASK, mode="maskgit",
+    N, still = 16, []
+    mg.generate_image(model, x, positions=pos, columns=CODES, steps=steps, mask_id=IMG_MASK, mode="maskgit",
                       generator=gen(1), on_step=lambda s, c: still.append((c[:, pos] == IMG_MASK).sum(1)))
+    unknown = N
     for s, count in enumerate(still):
-        assert (count == math.floor(N * math.cos(math.pi / 2 * (s + 1) / T))).all(), (s, count)
+        expected = 0 if s == steps - 1 else max(1, min(unknown - 1, math.floor(N * math.cos(math.pi / 2 * (s + 1) / steps))))
+        assert (count == expected).all(), (s, count, expected)
+        unknown = expected
+    tau = 2.0
+    for s in range(steps):
+        tau *= 1 - (s + 1) / steps
+        assert mg.maskgit_choice_temperature(2.0, s, steps) == pytest.approx(tau, rel=1e-12, abs=1e-15)
 
 
 def test_emerge_masked_fraction_follows_the_cosine_schedule():
@@ -768,3 +779,174 @@ def test_maskgrpo_raises_a_toy_reward():
         history.append(stats["reward_mean"])
     first, last = sum(history[:3]) / 3, sum(history[-3:]) / 3
     assert last > first + 0.4 and last > 0.6, history
+
+
+def test_text_confidence_is_the_full_vocabulary_softmax_and_mask_is_never_a_candidate():
+    """LLaDA's generate() ranks candidates by softmax over the full vocabulary, [MASK] included in the
+    normaliser. Position 0 puts most mass on [MASK] (id 2): among real tokens its candidate is surer than
+    position 1's (0.88 vs 0.82 without [MASK]), but under the full softmax it is far less sure (0.26)."""
+    logits = torch.tensor([[[2.0, 0.0, 3.0], [1.5, 0.0, -10.0]]], dtype=torch.float64)  # (1, 2, V=3), [MASK] = 2
+    x0, conf = mg.text_candidates(logits, 0.0, 2, None)
+    assert x0.tolist() == [[0, 0]]
+    full = logits.softmax(-1)
+    assert torch.allclose(conf, full[..., 0])
+    commit = mg.top_k_commit(conf, torch.ones(1, 2, dtype=torch.bool), torch.tensor([1]))
+    assert commit.tolist() == [[False, True]]
+    x0, _ = mg.text_candidates(logits.expand(4096, 2, 3), 5.0, 2, gen(0))
+    assert (x0 != 2).all()  # even at a high temperature, never [MASK]
+
+
+# -----------------------------------------------------------------------------
+# Rev kinds "trace" (the sampler's decoding order) and "official" (the official code's as-run ramp)
+
+
+def test_trace_remask_follows_the_ramp_over_the_decoding_order():
+    """Rank 0 = committed first. Rows: a permutation order, an order with ties (two tokens per step:
+    ties go by position), and a 5-token answer (the canvas after it unscored, never masked)."""
+    L, ratio, n = 8, 0.7, 40000
+    order = torch.tensor([[3, 1, 8, 2, 7, 4, 6, 5], [1, 1, 2, 2, 3, 3, 4, 4], [5, 4, 3, 2, 1, 6, 7, 8]])
+    scored = torch.ones(3, L, dtype=torch.bool)
+    scored[2, 5:] = False
+    ranks = [[2, 0, 7, 1, 6, 3, 5, 4], [0, 1, 2, 3, 4, 5, 6, 7], [4, 3, 2, 1, 0, None, None, None]]
+    rows = torch.arange(3).repeat(n)
+    masks = mg.remask(torch.zeros(3 * n, L, dtype=torch.long), ratio, "trace", gen(0), scored[rows], order=order[rows])
+    freq = masks.view(n, 3, L).float().mean(0)
+    for r, row in enumerate(ranks):
+        length = sum(k is not None for k in row)
+        for i, k in enumerate(row):
+            expected = 0.0 if k is None else arlike_mask_prob(k, length, ratio)
+            assert abs(float(freq[r, i]) - expected) < 0.012, (r, i, float(freq[r, i]), expected)
+
+
+def test_trace_in_position_order_is_arlike_and_trace_needs_an_order():
+    comp = words((64, 10), 0)
+    scored = torch.arange(10)[None] < torch.randint(1, 11, (64, 1), generator=gen(1))
+    order = torch.arange(1, 11).expand(64, 10)
+    trace = mg.remask(comp, 0.75, "trace", gen(2), scored, order=order)
+    assert torch.equal(trace, mg.remask(comp, 0.75, "arlike", gen(2), scored))
+    with pytest.raises(ValueError, match="needs the decoding order"):
+        mg.remask(comp, 0.75, "trace", gen(2), scored)
+
+
+def test_official_ramp_masks_what_the_official_code_masks():
+    """The official remask_ar's prompt_len is 1, so its ramp runs over prompt + canvas: P(mask at canvas
+    position n) = clamp(1 - 2(1 - r)(1 - (P - 1 + n) / (P + L - 2))). At r = 0.633, P = 20, L = 30 that
+    masks 0.779 of the canvas on average (as measured by running the official function), not 0.633."""
+    P, L, ratio, n = 20, 30, 0.633, 20000
+    masks = mg.remask(torch.zeros(n, L, dtype=torch.long), ratio, "official", gen(3), prompt_length=P)
+    expected = [min(max(1 - 2 * (1 - ratio) * (1 - (P - 1 + i) / (P + L - 2)), 0.0), 1.0) for i in range(L)]
+    assert torch.allclose(masks.float().mean(0), torch.tensor(expected), atol=0.012)
+    assert abs(sum(expected) / L - 0.779) < 0.001 and abs(float(masks.float().mean()) - 0.779) < 0.003
+
+
+def test_draw_mask_passes_the_trajectory_and_the_prompt_width():
+    batch = text_batch(4)
+    L = batch.completion.shape[1]
+    batch = mg.replace(batch, trajectory=torch.arange(L, 0, -1).expand(8, L).clone())  # decoded right to left
+    cfg = small_cfg(remasking="trace", num_iterations=4)
+    mask = mg.draw_mask(batch, cfg, 0, gen(5))[:, batch.positions]
+    expected = mg.remask(batch.completion, mg.mask_ratio(0, 4, cfg.min_mask_rate), "trace", gen(5), batch.scored,
+                         order=batch.trajectory)
+    assert torch.equal(mask, expected | ~batch.scored)
+    cfg = small_cfg(remasking="official", num_iterations=4)
+    mask = mg.draw_mask(batch, cfg, 1, gen(6))[:, batch.positions]
+    expected = mg.remask(batch.completion, mg.mask_ratio(1, 4, cfg.min_mask_rate), "official", gen(6), batch.scored,
+                         prompt_length=batch.positions.start)
+    assert torch.equal(mask, expected | ~batch.scored)
+
+
+# -----------------------------------------------------------------------------
+# Bad input never reaches the weights: missing rewards, non-finite gradients, NaN configs
+
+
+def group_advantages_nan_loop(rewards, G, scale_rewards=True, eps=1e-4):
+    """Per group: mean and unbiased std over the finite rewards; A = 0 for a missing reward and for every
+    row of a group with < 2 finite rewards or all of them equal."""
+    out = []
+    for g in range(0, len(rewards), G):
+        group = [float(v) for v in rewards[g : g + G]]
+        good = [v for v in group if math.isfinite(v)]
+        signal = len(good) >= 2 and max(good) > min(good)
+        mean = sum(good) / len(good) if good else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in good) / (len(good) - 1)) if len(good) > 1 else 0.0
+        for v in group:
+            if not (signal and math.isfinite(v)):
+                out.append(0.0)
+            else:
+                out.append((v - mean) / (std + eps) if scale_rewards else v - mean)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scale_rewards", [True, False])
+def test_group_advantages_treat_non_finite_rewards_as_missing(scale_rewards):
+    nan, inf = math.nan, math.inf
+    r = torch.tensor([1.0, nan, 0.0, 2.0, inf, 0.5, 0.5, nan, nan, nan, nan, 3.0, -inf, 1.0, 1.0, nan, 0.2, 0.9, 0.4, 0.1])
+    got = mg.group_advantages(r, 4, scale_rewards).double()
+    assert torch.allclose(got, group_advantages_nan_loop(r, 4, scale_rewards), atol=1e-5)
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("bad", ["one_nan", "inf", "all_nan"])
+def test_non_finite_rewards_never_reach_the_weights(bad):
+    """A missing reward's row carries no loss; with all rewards missing no update is applied."""
+    model = tiny_model(1)
+    cfg = small_cfg(num_iterations=3)
+    batch = text_batch(7)
+    rewards = torch.linspace(0, 1, 8)
+    rewards[{"one_nan": [2], "inf": [0, 5], "all_nan": list(range(8))}[bad]] = math.nan if bad != "inf" else math.inf
+    before = params_of(model)
+    opt = mg.make_optimizer(model, cfg)
+    stats = mg.grpo_step(model, opt, batch, rewards, cfg, gen(0))
+    after = params_of(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert stats["nonfinite_rewards"] == {"one_nan": 1, "inf": 2, "all_nan": 8}[bad]
+    moved = any(not torch.equal(before[k], after[k]) for k in before)
+    assert moved == (bad != "all_nan")
+    assert stats["skipped_updates"] == (3 if bad == "all_nan" else 0)
+    if bad == "one_nan":  # the row with the missing reward gets no gradient at all (no policy term, no KL)
+        spy = Spy(tiny_model(1))
+        mg.grpo_step(spy, mg.make_optimizer(spy, cfg), batch, rewards, cfg, gen(0))
+        graded = [logits.grad for _, logits in spy.calls if logits.requires_grad]
+        assert len(graded) == 3 and all(torch.all(g[2] == 0) and g.abs().sum() > 0 for g in graded)
+
+
+def test_rewards_may_be_a_list_with_none_for_missing_and_anything_else_is_refused():
+    cfg = small_cfg(num_iterations=1)
+    batch = text_batch(8)
+    model = tiny_model(2)
+    stats = mg.grpo_step(model, mg.make_optimizer(model, cfg), batch, [0.0, 1.0, None, 0.5, 1, 0, 0.25, 0.75], cfg, gen(0))
+    assert stats["nonfinite_rewards"] == 1 and math.isfinite(stats["reward_mean"])
+    with pytest.raises(TypeError, match=r"rewards\[3\] = 'high' is not a number"):
+        mg.grpo_step(model, mg.make_optimizer(model, cfg), batch, [0.0, 1.0, 0.2, "high", 1, 0, 0.25, 0.75], cfg, gen(0))
+    with pytest.raises(ValueError, match=r"rewards must have shape \(8,\), one per completion, got \(7,\)"):
+        mg.grpo_step(model, mg.make_optimizer(model, cfg), batch, [0.0] * 7, cfg, gen(0))
+
+
+def test_an_update_with_a_non_finite_gradient_norm_is_skipped_and_counted():
+    model = tiny_model(3)
+    cfg = small_cfg(num_iterations=2)
+    opt = mg.make_optimizer(model, cfg)
+    weight = model.model.transformer.blocks[0].q_proj.weight
+    handle = weight.register_hook(lambda g: g * math.nan)
+    before = params_of(model)
+    stats = mg.grpo_step(model, opt, text_batch(9), torch.linspace(0, 1, 8), cfg, gen(0))
+    handle.remove()
+    assert stats["skipped_updates"] == 2 and math.isnan(stats["grad_norm"])
+    assert all(torch.equal(before[k], p) for k, p in params_of(model).items())
+    assert not opt.state  # AdamW never stepped: no moments were written either
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: mg.GRPOConfig(temperature=math.nan), "GRPOConfig.temperature"),
+    (lambda: mg.GRPOConfig(learning_rate=math.inf), "GRPOConfig.learning_rate"),
+    (lambda: mg.GRPOConfig(beta=math.nan), "GRPOConfig.beta"),
+    (lambda: mg.GRPOConfig(epsilon=math.nan), "GRPOConfig.epsilon"),
+    (lambda: mg.GRPOConfig(min_mask_rate=math.nan), "GRPOConfig.min_mask_rate"),
+    (lambda: mg.GRPOConfig(adam_betas=(0.9, math.nan)), "GRPOConfig.adam_betas"),
+    (lambda: mg.GRPOConfig(max_grad_norm=math.inf), "GRPOConfig.max_grad_norm"),
+    (lambda: mg.ModelConfig.tiny(VOCAB, MASK, EOS, rope_theta=math.nan), "ModelConfig.rope_theta"),
+    (lambda: mg.ModelConfig.tiny(VOCAB, MASK, EOS, rms_norm_eps=math.inf), "ModelConfig.rms_norm_eps"),
+])
+def test_non_finite_config_fields_are_refused_by_name(build, field):
+    with pytest.raises(ValueError, match=f"{field} must be a finite number"):
+        build()

@@ -52,6 +52,7 @@ same command resumes it exactly). The SFT model is cached in runs/arithmetic/sft
 import dataclasses
 import os
 import re
+import time
 from dataclasses import dataclass
 
 import torch
@@ -114,6 +115,9 @@ class Config:
     loss_type: str = "token"  # "token" or "sequence" normalisation
     scale_rewards: bool = True  # divide advantages by the group std
     temperature: float = 0.9  # rollout temperature (evaluation is greedy)
+    cache_implementation: str = "none"  # rollout KV cache: "none" (exact), "prefix" or "dual" (Fast-dLLM, approximate)
+    confidence_threshold: float | None = None  # rollout parallel decoding: commit every token above it (none = exact)
+    eval_fast_sampler: bool = False  # evaluate with the rollout's cache / threshold too (default: the exact sampler)
     max_completion_length: int = 20  # L, the completion canvas, padded with EOS
     block_length: int = 5  # semi-AR block size
     diffusion_steps: int = 20  # sampler steps per completion (rollouts and evaluation)
@@ -314,11 +318,12 @@ def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
     slip = fraction answering the noisy teacher's slipped sum) and the list of mistakes as
     (problem text, completion text, truth)."""
     g = cfg.grpo()
+    fast = dict(cache=g.cache_implementation, threshold=g.confidence_threshold) if cfg.eval_fast_sampler else {}
     texts = []
     for i in range(0, len(split.answers), batch_size):
         seq = maskgrpo.generate_text(model, split.prompt_ids[i:i + batch_size], gen_length=g.max_completion_length,
                                      block_length=g.block_length, steps=g.diffusion_steps, temperature=0.0,
-                                     mask_id=vocab.mask_id, attention_mask=split.prompt_mask[i:i + batch_size])
+                                     mask_id=vocab.mask_id, attention_mask=split.prompt_mask[i:i + batch_size], **fast)
         texts += [vocab.decode(row) for row in seq[:, split.prompt_ids.shape[1]:].tolist()]
     rewards, correct = score(texts, split.answers, cfg.num_terms, cfg.format_reward)
     slip = slipped(texts, split.terms, cfg.num_terms)
@@ -328,6 +333,22 @@ def evaluate(model, split, cfg, batch_size=256, vocab=VOCAB):
 
 # -----------------------------------------------------------------------------
 # MaskGRPO
+
+
+@torch.no_grad()
+def decoding_stats(model, batch):
+    """How a rollout batch was decoded, from its trajectory: model forwards, and committed tokens per step
+    (a row's canvas over the steps at which it committed anything); and the policy's mean entropy (nats) at
+    the completion positions with the whole completion masked, a gauge of overconfidence (one forward)."""
+    order = batch.trajectory.sort(1).values  # (N, L) commit steps, ascending
+    steps_used = 1 + (order.diff(dim=1) != 0).sum(1).float()  # distinct steps per row
+    masked = torch.zeros_like(batch.sequences, dtype=torch.bool)
+    masked[:, batch.positions] = True
+    logp = model(maskgrpo.apply_mask(batch.sequences, masked, VOCAB.mask_id), batch.attention_mask,
+                 positions=batch.positions).log_softmax(-1)  # (N, L, V)
+    entropy = -(logp.exp() * logp).sum(-1).mean()
+    return dict(rollout_forwards=int(batch.trajectory.max()), rollout_entropy=float(entropy),
+                tokens_per_step=float((batch.trajectory.shape[1] / steps_used).mean()))
 
 
 RESUMABLE_CHANGES = ("grpo_steps", "resume", "show_mistakes", "ckpt_every", "progress")
@@ -342,13 +363,16 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
     def rollout(gens):
         # 1. generate: G rollouts per prompt, block semi-AR at temperature tau
         idx = torch.randint(N, (cfg.prompts_per_step,), generator=gens["prompts"], device=cfg.device)
+        start = time.perf_counter()
         batch = maskgrpo.rollout_text(policy, train.prompt_ids[idx], train.prompt_mask[idx], g, gens["rollout"])
+        seconds = time.perf_counter() - start
         # 2. reward: correct final answer + format bonus
         answers = [train.answers[k] for k in idx.repeat_interleave(g.num_generations).tolist()]
         rewards, correct = score([VOCAB.decode(row) for row in batch.completion.tolist()], answers, cfg.num_terms,
                                  cfg.format_reward)
         acc = correct.mean().item()
-        return batch, rewards.to(cfg.device), dict(train_acc=acc), dict(acc=f"{acc:.2f}")
+        record = dict(train_acc=acc, rollout_seconds=seconds, **decoding_stats(policy, batch))
+        return batch, rewards.to(cfg.device), record, dict(acc=f"{acc:.2f}", tok_per_step=f"{record['tokens_per_step']:.1f}")
 
     def held_out():
         stats, mistakes = evaluate(policy, heldout, cfg)

@@ -1,6 +1,6 @@
 """Slow, obvious reference implementations that the tests (and bench.py) compare maskgrpo.py against.
 
-Each oracle is written from the math (docs: /work/shared/reference/method.md, LLaDA arXiv 2502.09992),
+Each oracle is written from the math (MaskGRPO arXiv 2510.02880 §3, LLaDA arXiv 2502.09992 Alg. 5),
 one row / one token at a time with Python loops, so that it shares no vectorisation trick with the
 code under test. Random draws are made with the caller's torch.Generator in the order the method
 defines, so an oracle and the fast code can be compared on identical noise.
@@ -61,9 +61,10 @@ def llada_generate_loop(model, prompt_ids, *, gen_length, block_length, steps, m
     """Greedy (temperature 0) LLaDA generate, one row at a time (batch size 1), full-canvas logits,
     torch.topk over the whole canvas with every position outside the current block's masked set at
     -inf confidence. A left-padded row is run padded, with its own attention mask, so RoPE positions
-    are those the batched sampler sees. The [MASK] token is never a candidate (a committed [MASK] would
-    leave the canvas masked; LLaDA's trained model never predicts it, a random toy model does): the
-    candidate and its confidence come from softmax over the vocabulary without [MASK]."""
+    are those the batched sampler sees. As LLaDA's generate(), the confidence of a candidate is its
+    probability under the softmax over the full vocabulary ([MASK] included in the normaliser); unlike
+    LLaDA, the [MASK] token itself is never a candidate (a committed [MASK] would leave the canvas
+    masked; LLaDA's trained model never predicts it, a random toy model does)."""
     num_blocks = gen_length // block_length
     steps_per_block = steps // num_blocks
     outputs = []
@@ -86,10 +87,8 @@ def llada_generate_loop(model, prompt_ids, *, gen_length, block_length, steps, m
                 for i in range(start, end):
                     if int(x[0, i]) != mask_id:
                         continue
-                    # the model's distribution over real tokens: [MASK] gets probability 0
-                    probs = torch.softmax(torch.cat([logits[i, :mask_id], logits[i, mask_id + 1 :]]), 0)
-                    probs = torch.cat([probs[:mask_id], probs.new_zeros(1), probs[mask_id:]])
-                    c = int(probs.argmax())
+                    probs = torch.softmax(logits[i], 0)  # the full vocabulary, [MASK] included
+                    c = max((v for v in range(len(probs)) if v != mask_id), key=lambda v: float(probs[v]))
                     candidate[i], confidence[i] = c, float(probs[c])
                 for i in torch.topk(torch.tensor(confidence, dtype=torch.float64), counts[s]).indices.tolist():
                     x[0, i] = candidate[i]
