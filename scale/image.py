@@ -13,6 +13,7 @@ A longer text is cut to its first max_text_len - 1 tokens and <eos> appended. Th
 Codes are decoded to pixels by scale.magvit.
 """
 
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -268,7 +269,7 @@ class ImageTask:
         self.tokenizer = load_tokenizer(tokenizer)
         self.ids, self.reward = image_tokens, reward
         self.prompts = read_prompts(prompts)
-        self.text_ids = [self.tokenizer.encode(p, add_special_tokens=False).ids for p in self.prompts]
+        self.text_ids = [self.encode(p) for p in self.prompts]
         self.special = dict(mask_token_id=self.ids.mask, eos_token_id=self.ids.eos)
         self.layout = dict(max_text_len=max_text_len, ids=self.ids, num_image_tokens=num_image_tokens)
         self.positions = image_positions(max_text_len=max_text_len, num_image_tokens=num_image_tokens)
@@ -291,12 +292,15 @@ class ImageTask:
             raise ValueError(f"--max-text-len + --num-image-tokens: t2i sequences of {length} tokens exceed the "
                              f"model's max_sequence_length={cfg.max_sequence_length}")
 
-    def generate(self, model, idx, *, steps, temperature, generator, device):
-        """One image per prompt index in `idx` (repeat an index for several): (B, T) sequences."""
+    def encode(self, prompt):
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def generate(self, model, text_ids, *, steps, temperature, generator, device):
+        """One image per tokenised prompt in `text_ids`: (B, T) sequences and their attention mask."""
         import maskgrpo
 
-        ids, mask = t2i_batch([self.text_ids[i] for i in idx], **self.layout)
-        uncond, uncond_mask = t2i_batch([[]] * len(idx), **self.layout)
+        ids, mask = t2i_batch(text_ids, **self.layout)
+        uncond, uncond_mask = t2i_batch([[]] * len(text_ids), **self.layout)
         return maskgrpo.generate_image(model, ids.to(device), positions=self.positions, columns=self.ids.image_columns,
                                        steps=steps, mask_id=self.ids.mask, mode=self.sampler,
                                        guidance_scale=self.guidance_scale, uncond_ids=uncond.to(device),
@@ -312,7 +316,7 @@ class ImageTask:
     def rollout(self, model, idx, cfg, generator, device):
         import maskgrpo
 
-        rows = [i for i in idx for _ in range(cfg.num_generations)]
+        rows = [self.text_ids[i] for i in idx for _ in range(cfg.num_generations)]
         seq, mask = self.generate(model, rows, steps=cfg.diffusion_steps, temperature=cfg.temperature,
                                   generator=generator, device=device)
         scored = torch.ones(len(seq), self.positions.stop - self.positions.start, dtype=torch.bool, device=device)
@@ -322,3 +326,78 @@ class ImageTask:
     def rewards(self, batch, idx, G):
         prompts = [self.prompts[i] for i in idx for _ in range(G)]
         return self.reward(self.pixels(batch.sequences), prompts).float().cpu(), prompts
+
+
+# -----------------------------------------------------------------------------
+# GenEval (djghosh13/geneval): its prompt metadata, its image folder layout, an in-process scorer interface
+#
+# evaluation_metadata.jsonl: one JSON object per prompt, {"tag", "include": [{"class", "count", "color"?,
+# "position"?: [relation, index]}], "exclude"?: [{"class", "count"}], "prompt"}. GenEval's own generation script
+# (generation/diffusers_generate.py) writes, and its scorer (evaluation/evaluate_images.py) reads:
+#     <folder>/<prompt index, 5 digits>/metadata.jsonl      that prompt's metadata line, one JSON object
+#     <folder>/<prompt index, 5 digits>/samples/<k, 5 digits>.png
+# The scorer needs an object detector (mmdet, Mask2Former) and CLIP, which do not ship here: run it on the
+# folder. In process, images are scored by an ImageScorer (a CLIP similarity, or the stub in tests).
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def read_geneval_metadata(path):
+    """GenEval's evaluation_metadata.jsonl -> list of dicts; each row is checked (file and line named)."""
+    from scale.text import read_records
+
+    rows = []
+    for where, r in read_records(path):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("tag"), str):
+            raise ValueError(f"{where}: a GenEval row needs text fields 'tag' and 'prompt' (has {sorted(r)})")
+        for key in ("include", "exclude"):
+            clauses = r.get(key, [])
+            if not isinstance(clauses, list) or not all(isinstance(c, dict) and isinstance(c.get("class"), str)
+                                                        and isinstance(c.get("count"), int) for c in clauses):
+                raise ValueError(f"{where}: '{key}' must be a list of {{'class': str, 'count': int, ...}}")
+        if not r.get("include"):
+            raise ValueError(f"{where}: 'include' must name at least one object")
+        rows.append(r)
+    return rows
+
+
+def geneval_sample_path(folder, index, sample):
+    """Where GenEval's scorer looks for sample `sample` of prompt `index`."""
+    return Path(folder) / f"{index:05d}" / "samples" / f"{sample:05d}.png"
+
+
+def write_geneval_sample(folder, index, sample, metadata, pixels):
+    """Write one image (3, H, W) in [0, 1] as a PNG, and its prompt's metadata.jsonl, in GenEval's layout."""
+    from PIL import Image
+
+    from scale.checkpoints import atomic_output
+
+    path = geneval_sample_path(folder, index, sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = path.parent.parent / "metadata.jsonl"
+    if not meta.is_file():
+        with atomic_output(meta) as tmp:
+            tmp.write_text(json.dumps(metadata))
+    array = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    with atomic_output(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
+
+
+@runtime_checkable
+class ImageScorer(Protocol):
+    """In-process image scoring for evaluation: images (B, 3, H, W) in [0, 1] and their GenEval metadata rows
+    -> (B,) scores. A GenEval detector adapter would return 1.0 where an image satisfies every include
+    clause and no exclude clause, else 0.0 (what evaluation/evaluate_images.py decides per image)."""
+
+    def __call__(self, images: torch.Tensor, metadata: list[dict]) -> torch.Tensor: ...
+
+
+class PromptRewardScorer:
+    """An ImageScorer from a prompt reward (CLIP similarity, the stub): reward(images, [row["prompt"], ...])."""
+
+    def __init__(self, reward: RewardAdapter):
+        self.reward = reward
+
+    def __call__(self, images, metadata):
+        return self.reward(images, [m["prompt"] for m in metadata])

@@ -4,7 +4,8 @@ The tiny preset's assets: a word-level tokenizer, GSM8K-style data, image prompt
 Everything is written under <out>/tiny_assets, deterministic from the seed, so the whole pipeline (torchrun,
 FSDP2 / DDP, checkpoints, export) runs on CPU with no downloads:
   - a word-level tokenizer with the LLaDA / MMaDA special tokens
-  - 40 GSM8K-style questions ("What is 3 plus 4 ?", gold 7) and 8 image prompts
+  - 40 GSM8K-style questions ("What is 3 plus 4 ?", gold 7) and 8 image prompts; held-out evaluation
+    files: 12 GSM8K-test-style questions, 8 MATH500-style problems, 3 GenEval metadata rows
   - a random 2-layer model per task (bf16, 2 shards + index, like the Hub); a unigram prior makes it write
     <reasoning>, \\boxed{ and digits, so GSM8K rewards differ within a group (non-zero advantages)
   - a random MAGVIT-v2 decoder with 16 codes (2x upsampling)
@@ -84,11 +85,36 @@ def _write_assets(tmp, seed):
         for p in decoder.decoder.parameters():
             p.normal_(0, 0.2, generator=g)
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, tmp / "magvit" / "magvit.safetensors")
+    _write_eval_data(tmp, torch.Generator().manual_seed(seed + 1))
+
+
+def _write_eval_data(tmp, g):
+    """Held-out evaluation files in the real layouts: GSM8K test (openai/gsm8k), MATH500 (problem, answer)
+    and GenEval's evaluation_metadata.jsonl (tag, include, prompt). Their own generator: the training
+    assets above are the same with or without them."""
+    with open(tmp / "gsm8k_test.jsonl", "w") as f:
+        for _ in range(12):
+            a, b = torch.randint(0, 5, (2,), generator=g).tolist()
+            f.write(json.dumps({"question": f"What is {a} plus {b} ?", "answer": f"{a} plus {b} is {a + b} . #### {a + b}"})
+                    + "\n")
+    with open(tmp / "math500.jsonl", "w") as f:
+        for _ in range(8):
+            a, b = torch.randint(0, 5, (2,), generator=g).tolist()
+            f.write(json.dumps({"problem": f"What is {a} plus {b} ?", "answer": str(a + b)}) + "\n")
+    with open(tmp / "geneval_metadata.jsonl", "w") as f:
+        for color, shape in (("red", "circle"), ("green", "square"), ("blue", "circle")):
+            include = [{"class": shape, "count": 1, "color": color}]
+            f.write(json.dumps({"tag": "colors", "include": include, "prompt": f"a {color} {shape}"}) + "\n")
+
+
+# the data file of each task: training (text, t2i) and evaluation (gsm8k, math500, geneval)
+TINY_DATA = dict(text="gsm8k.jsonl", t2i="prompts.txt", gsm8k="gsm8k_test.jsonl", math500="math500.jsonl",
+                 geneval="geneval_metadata.jsonl")
 
 
 def tiny_paths(folder, task):
     """The path of every input flag, pointing into the tiny assets."""
     folder = Path(folder)
-    return dict(model=folder / f"model_{task}", tokenizer=folder / "tokenizer.json",
-                data=folder / ("gsm8k.jsonl" if task == "text" else "prompts.txt"),
+    model = "model_t2i" if task in ("t2i", "geneval") else "model_text"
+    return dict(model=folder / model, tokenizer=folder / "tokenizer.json", data=folder / TINY_DATA[task],
                 vq_model=folder / "magvit", image_tokens=folder / "image_tokens.json")

@@ -48,6 +48,7 @@ from maskgrpo import GRPOConfig, grpo_step, make_optimizer  # noqa: E402
 from scale import checkpoints as C  # noqa: E402
 from scale import cli  # noqa: E402
 from scale import distributed as D  # noqa: E402
+from scale import evaluate as E  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Presets (argparse defaults; a flag on the command line overrides them)
@@ -142,6 +143,10 @@ def build_parser():
     g.add_argument("--resume", nargs="?", const="latest", help="a checkpoint folder, or 'latest' (start fresh if none)")
     g.add_argument("--export", action="store_true", help="at the end write <out>/export (HF folder or PEFT adapters)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval-every", type=int, help="every N steps, evaluate on --eval-data (scale/evaluate.py's evaluation)")
+    g.add_argument("--eval-data", help="text: GSM8K test layout (question, answer); t2i: GenEval metadata .jsonl "
+                                       "(scored with --reward); 'tiny': the tiny preset's")
+    g.add_argument("--eval-limit", type=int, help="evaluate the first K rows (prompts) of --eval-data only")
     g.add_argument("--fail-at-step", type=int,
                    help="test hook: in a run that started fresh, on torchrun's first attempt, the last rank exits at this step")
     g.add_argument("--fail-kills-agent", action="store_true",
@@ -213,6 +218,11 @@ def check_args(args, world, per_node=None):
         raise ValueError(f"--reward {args.reward} does not fit --task {args.task}")
     if args.reward == "clip" and not args.reward_model:
         raise ValueError("--reward clip needs --reward-model (a local CLIP folder)")
+    for flag in ("eval_every", "eval_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.eval_every and args.eval_data is None and args.preset != "tiny":
+        raise ValueError("--eval-every needs --eval-data (a held-out file)")
     if args.preset != "tiny":
         for flag in ("model", "data") + (("vq_model",) if args.task == "t2i" else ()):
             if getattr(args, flag) is None:
@@ -222,7 +232,7 @@ def check_args(args, world, per_node=None):
 
 def check_paths(args):
     """Every input path exists (FileNotFoundError naming the flag), before anything is read."""
-    need = dict(model=args.model, data=args.data, tokenizer=args.tokenizer)
+    need = dict(model=args.model, data=args.data, tokenizer=args.tokenizer, eval_data=args.eval_data)
     if args.task == "t2i":
         need.update(vq_model=args.vq_model, reward_model=args.reward_model if args.reward == "clip" else None)
         if args.image_tokens != "mmada-8b":
@@ -237,11 +247,13 @@ def check_paths(args):
 
 def fill_tiny_paths(args, folder):
     """Point every path flag the user did not give at the tiny assets."""
-    from scale.tiny import tiny_paths
+    from scale.tiny import TINY_DATA, tiny_paths
 
     for name, value in tiny_paths(folder, args.task).items():
         if getattr(args, name) in (None, "tiny"):
             setattr(args, name, str(value))
+    if args.eval_every and args.eval_data in (None, "tiny"):
+        args.eval_data = str(Path(folder) / TINY_DATA["gsm8k" if args.task == "text" else "geneval"])
 
 
 # -----------------------------------------------------------------------------
@@ -261,6 +273,19 @@ def make_task(args, device):
                      reward=make_reward(args.reward, args.reward_model, device=device), max_text_len=args.max_text_len,
                      num_image_tokens=args.num_image_tokens, sampler=args.sampler, guidance_scale=args.guidance_scale,
                      device=device)
+
+
+def make_evaluator(args, task, cfg):
+    """The held-out evaluation of --eval-data with the rollout's canvas and steps, greedy for text (one image
+    per prompt, the rollout sampler and guidance for t2i): scale/evaluate.py's evaluators."""
+    if args.task == "text":
+        decoding = E.TextDecoding(cfg.max_completion_length, cfg.block_length, cfg.diffusion_steps, temperature=0.0)
+        return E.TextEval("gsm8k", args.tokenizer or args.model, args.eval_data, decoding, args.eval_limit)
+    from scale.image import PromptRewardScorer, read_geneval_metadata
+
+    decoding = E.ImageDecoding(cfg.diffusion_steps, args.guidance_scale, args.sampler, cfg.temperature, 1)
+    return E.ImageEval(task, read_geneval_metadata(args.eval_data), decoding, PromptRewardScorer(task.reward),
+                       args.eval_limit)
 
 
 def epoch_order(n, epoch, seed):
@@ -355,6 +380,9 @@ def train(args, d, out):
     model_cfg, _, _ = C.read_hf_folder(args.model, **task.special)  # config, names, shapes
     task.check_model(model_cfg)
     cfg, lora, mode = grpo_config(args), lora_spec(args), parallel_mode(args)
+    evaluator = make_evaluator(args, task, cfg) if args.eval_every else None
+    if evaluator is not None:
+        evaluator.check_model(model_cfg)
     ckpt_root = out / "checkpoints"
     trainer_state = dict(model_config=asdict(model_cfg), lora=None if lora is None else asdict(lora), task=args.task)
     resume = C.latest_checkpoint(ckpt_root) if args.resume == "latest" else args.resume
@@ -410,6 +438,20 @@ def train(args, d, out):
             f"step {step + 1}/{args.max_steps} | reward {g['reward_mean']:.3f} +- {g['reward_std']:.3f} | "
             f"loss {g['loss']:+.4f} | kl {g['kl']:.4f} | clip {g['clip_frac']:.3f} | grad {g['grad_norm']:.3f} | "
             f"{t1 - t0:.1f}s rollout, {t2 - t1:.1f}s update")
+        if evaluator is not None and (step + 1) % args.eval_every == 0:
+            folder = out / "eval" / C.step_dir_name(step + 1)
+            describe = dict(task="gsm8k" if args.task == "text" else "geneval", decoding=asdict(evaluator.decoding),
+                            data=E.data_description(args.eval_data, evaluator, args.eval_limit), limit=args.eval_limit,
+                            checkpoint=dict(model=str(Path(args.model).resolve()), adapter=None, checkpoint=None,
+                                            step=step + 1, label=f"{out.resolve()} at step {step + 1}"),
+                            precision=args.precision)
+            with D.rollout_params(policy), ctx():
+                results = E.evaluate(D.unwrap(policy), evaluator, folder, d, batch_size=args.micro_batch_size,
+                                     seed=args.seed, describe=describe, progress=False)
+            m = results["metrics"]
+            score = "accuracy" if "accuracy" in m else "score"
+            log(dict(event="eval", step=step + 1, **m, results=str(folder / "results.json")),
+                f"eval at step {step + 1}: {score} {m[score]:.4f} +- {m['stderr']:.4f} (n={m['n']})")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.max_steps:
             C.save_checkpoint(ckpt_root, step + 1, policy, optimizer, generators, trainer_state, d, keep=args.keep)
     if args.export:
