@@ -258,11 +258,15 @@ def evaluate(model, ev, out, d, *, batch_size, seed, describe, fail_after_batche
     batches = [list(range(s, min(s + batch_size, len(ev)))) for s in range(0, len(ev), batch_size)]
     done = set(_read_partial(partial))
     mine = [b for b in range(len(batches)) if b % d.world == d.rank and not set(batches[b]) <= done]
+    own = partial / f"rank{d.rank}.jsonl"
+    if own.is_file() and not own.read_bytes().endswith(b"\n"):  # a line a kill cut short: end it, so it stays apart
+        with open(own, "a") as f:
+            f.write("\n")
     with torch.no_grad():
         for n, b in enumerate(tqdm(mine, desc=f"evaluate {len(ev)} rows", disable=not (progress and d.is_main))):
             g = torch.Generator(d.device).manual_seed(seed * 1_000_003 + b)
             lines = "".join(json.dumps(r) + "\n" for r in ev.run(model, batches[b], g, d.device, out))
-            with C.disk_full_names(partial), open(partial / f"rank{d.rank}.jsonl", "a") as f:
+            with C.disk_full_names(partial), open(own, "a") as f:
                 f.write(lines)
                 f.flush()
                 os.fsync(f.fileno())

@@ -465,9 +465,13 @@ def test_gpu_check_tiny_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = gpu_check.main(["--tiny"])
-    expected = {"build_model", "rollout_text", "score_logps", "update_lora_ac", "update_lora", "fwd_bwd_full_ac",
-                "fwd_bwd_full", "rollout_t2i"}
+    expected = {"build_model", "rollout_text", "rollout_text_prefix", "rollout_text_dual", "rollout_text_dual_threshold0.9",
+                "eval_text_greedy", "score_logps", "update_lora_ac", "update_lora", "fwd_bwd_full_ac", "fwd_bwd_full",
+                "rollout_t2i"}
     assert set(summary["results"]) == expected
     for name, r in summary["results"].items():
         assert "error" not in r and r["seconds"] >= 0, (name, r)
     assert json.loads((tmp_path / "gpu_check.json").read_text())["results"].keys() == expected
+    text = summary["results"]
+    assert all(text[k]["forwards"] == 4 for k in ("rollout_text", "rollout_text_prefix", "rollout_text_dual"))
+    assert 1 <= text["rollout_text_dual_threshold0.9"]["forwards"] <= 4  # threshold: steps is an upper bound
