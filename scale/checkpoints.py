@@ -32,8 +32,10 @@ next save deletes them.
 
 import errno
 import json
+import logging
 import os
 import shutil
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -140,23 +142,42 @@ def atomic_output(path, *, folder=False, collective=False):
             _remove(tmp)
 
 
+def _causes(e):
+    """`e` and the errors it wraps: DCP gathers each rank's failure into a CheckpointException (a BaseException
+    whose `failures` map rank -> (exception, stack))."""
+    return [e, *(pair[0] for pair in getattr(e, "failures", {}).values())]
+
+
 def _disk_full(e):
-    """True if `e`, or an error it wraps (DCP collects each rank's in CheckpointException), ran out of space."""
-    seen = [e, getattr(e, "__cause__", None), getattr(e, "__context__", None),
-            *getattr(e, "failures", {}).values()]
-    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in seen) or \
-        "No space left on device" in str(e)
+    return any(isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT) for x in _causes(e))
 
 
 @contextmanager
 def disk_full_names(path):
     """Turn running out of space while writing under `path` into OSError(ENOSPC) naming `path`."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     try:
         yield
-    except Exception as e:
+    except (Exception, CheckpointException) as e:
         if _disk_full(e):
-            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from e
+            raise OSError(errno.ENOSPC, "no space left on device", str(path)) from None
         raise
+
+
+@contextmanager
+def _dcp_quietly():
+    """DCP warns on every single-process call that it assumes a single process (which is what we ask for), and
+    logs a traceback on the root logger when .metadata is unreadable, before it raises (which load_checkpoint
+    turns into one line). Silence both while it runs: the one-line error policy wants nothing else on stderr."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+            yield
+    finally:
+        logging.disable(previous)
 
 
 def read_json(path, *, damaged=""):
@@ -350,8 +371,9 @@ def load_hf_weights(model, folder):
     import torch.distributed.checkpoint as dcp
 
     state = {k: v for k, v in model.state_dict().items() if not _is_lora_key(k)}
-    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
-             no_dist=not (dist.is_available() and dist.is_initialized()))
+    with _dcp_quietly():
+        dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(folder)),
+                 no_dist=not (dist.is_available() and dist.is_initialized()))
 
 
 def _as_state_dict(model_or_state_dict):
@@ -479,7 +501,8 @@ def save_checkpoint(root, step, model, optimizer, generators, trainer_state, d, 
         remove_leftovers(root)
     with disk_full_names(final), atomic_output(final, folder=True, collective=True) as tmp:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_state_dict_options(ignore_frozen_params=True))
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=d.world == 1)
+        with _dcp_quietly():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=d.world == 1)
         torch.save({name: g.get_state() for name, g in generators.items()}, tmp / f"rng_rank{d.rank}.pt")
         if d.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state | {"step": step, "world_size": d.world}, indent=2))
@@ -514,6 +537,7 @@ def load_checkpoint(path, model, optimizer=None, generators=None, d=None):
     it does not (else the caller reseeds). Returns (trainer_state, generators_restored). A damaged file
     raises ValueError naming it and saying what to do."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(path)
@@ -524,11 +548,13 @@ def load_checkpoint(path, model, optimizer=None, generators=None, d=None):
     wanted = {"model": model_sd} | ({"optim": optim_sd} if optimizer is not None else {})
     world = 1 if d is None else d.world
     try:
-        dcp.load(wanted, checkpoint_id=str(path), no_dist=world == 1)
-    except Exception as e:  # DCP gathers every rank's failure into one CheckpointException
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: cannot read the DCP shards (.metadata, __<rank>_0.distcp): {first}"
-                         f"{_damaged(path)}") from None
+        with _dcp_quietly():
+            dcp.load(wanted, checkpoint_id=str(path), no_dist=world == 1)
+    except (Exception, CheckpointException) as e:  # a truncated file: unpickling, zip or read errors, per rank
+        inner = _causes(e)[-1]
+        first = (str(inner).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{path}: cannot read the DCP shards (.metadata, __<rank>_0.distcp): {type(inner).__name__}: "
+                         f"{first}{_damaged(path)}") from None
     set_state_dict(model, optimizer or [], model_state_dict=model_sd,
                    optim_state_dict=optim_sd if optimizer is not None else {}, options=options)
     if generators is None:

@@ -317,6 +317,38 @@ def test_checkpoint_round_trip_and_atomic_latest(assets, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002"]  # tmp replaced, step 1 pruned
 
 
+def test_leftovers_of_interrupted_saves_are_removed_by_the_next_save(assets, tmp_path):
+    policy, optimizer, generators, step, d = _tiny_trainer(assets)
+    step(0)
+    C.save_checkpoint(tmp_path, 1, policy, optimizer, generators, {}, d)
+    # what kills leave behind: a half-written step folder, a half-written pointer (this and an earlier version's
+    # name), and a full step folder moved aside to be replaced by a re-save of the same step
+    (tmp_path / "step_000002.tmp").mkdir()
+    (tmp_path / "step_000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (tmp_path / "latest.tmp").write_text("step_0000")
+    (tmp_path / "latest.tmp-4242").write_text("step_000")
+    shutil.copytree(tmp_path / "step_000001", tmp_path / "step_000001.old")
+    assert C.latest_checkpoint(tmp_path).name == "step_000001"  # leftovers are never taken for checkpoints
+    step(1)
+    C.save_checkpoint(tmp_path, 2, policy, optimizer, generators, {}, d, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert (tmp_path / "latest").read_text() == "step_000002"
+
+
+def test_atomic_output_is_all_or_nothing(tmp_path):
+    target = tmp_path / "file.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), C.atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+    folder = tmp_path / "folder"
+    for content in ("first", "second"):  # a folder replaces a folder (the old one moved aside, then deleted)
+        with C.atomic_output(folder, folder=True) as tmp:
+            (tmp / "x").write_text(content)
+    assert (folder / "x").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json", "folder"]
+
+
 # -----------------------------------------------------------------------------
 # torchrun scale/train.py --preset tiny
 
