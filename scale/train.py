@@ -343,6 +343,22 @@ class Logger:
 # Main
 
 
+def held_out_eval(evaluator, model, step, args, d, out, log):
+    """--eval-every: scale/evaluate.py's evaluate() on the held-out slice into <out>/eval/step_N, logged."""
+    folder = out / "eval" / C.step_dir_name(step)
+    describe = dict(task="gsm8k" if args.task == "text" else "geneval", decoding=asdict(evaluator.decoding),
+                    data=E.data_description(args.eval_data, evaluator, args.eval_limit), limit=args.eval_limit,
+                    checkpoint=dict(model=str(Path(args.model).resolve()), adapter=None, checkpoint=None, step=step,
+                                    label=f"{out.resolve()} at step {step}"),
+                    precision=args.precision)
+    results = E.evaluate(model, evaluator, folder, d, batch_size=args.micro_batch_size, seed=args.seed,
+                         describe=describe, progress=False)
+    m = results["metrics"]
+    score = "accuracy" if "accuracy" in m else "score"
+    log(dict(event="eval", step=step, **m, results=str(folder / "results.json")),
+        f"eval at step {step}: {score} {m[score]:.4f} +- {m['stderr']:.4f} (n={m['n']})")
+
+
 def seed_generators(generators, seed, rank, step):
     """Different streams per rank (different prompts must not share noise). Reseeded from the step
     only when a checkpoint's generator states cannot be restored (it was made with another world size)."""
@@ -439,19 +455,8 @@ def train(args, d, out):
             f"loss {g['loss']:+.4f} | kl {g['kl']:.4f} | clip {g['clip_frac']:.3f} | grad {g['grad_norm']:.3f} | "
             f"{t1 - t0:.1f}s rollout, {t2 - t1:.1f}s update")
         if evaluator is not None and (step + 1) % args.eval_every == 0:
-            folder = out / "eval" / C.step_dir_name(step + 1)
-            describe = dict(task="gsm8k" if args.task == "text" else "geneval", decoding=asdict(evaluator.decoding),
-                            data=E.data_description(args.eval_data, evaluator, args.eval_limit), limit=args.eval_limit,
-                            checkpoint=dict(model=str(Path(args.model).resolve()), adapter=None, checkpoint=None,
-                                            step=step + 1, label=f"{out.resolve()} at step {step + 1}"),
-                            precision=args.precision)
             with D.rollout_params(policy), ctx():
-                results = E.evaluate(D.unwrap(policy), evaluator, folder, d, batch_size=args.micro_batch_size,
-                                     seed=args.seed, describe=describe, progress=False)
-            m = results["metrics"]
-            score = "accuracy" if "accuracy" in m else "score"
-            log(dict(event="eval", step=step + 1, **m, results=str(folder / "results.json")),
-                f"eval at step {step + 1}: {score} {m[score]:.4f} +- {m['stderr']:.4f} (n={m['n']})")
+                held_out_eval(evaluator, D.unwrap(policy), step + 1, args, d, out, log)
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.max_steps:
             C.save_checkpoint(ckpt_root, step + 1, policy, optimizer, generators, trainer_state, d, keep=args.keep)
     if args.export:
