@@ -422,8 +422,9 @@ def load_model(args, model_cfg, d):
             raise ValueError(f"{Path(args.checkpoint) / C.TRAINER_STATE}: the checkpoint was trained on a model with "
                              f"config {state.get('model_config')}, --model {args.model} has {asdict(model_cfg)}")
         spec = None if state.get("lora") is None else D.LoRASpec(**{**state["lora"], "targets": tuple(state["lora"]["targets"])})
+    # trainable: the layout training saved from (LoRA adapters, or every weight in fp32 for full fine-tuning)
     model = D.build_model(args.model, model_cfg, d, mode="local", lora=spec, precision=args.precision,
-                          trainable=spec is not None, gradient_checkpointing=False)
+                          trainable=spec is not None or args.checkpoint is not None, gradient_checkpointing=False)
     if adapter is not None:
         own = {k: v for k, v in model.state_dict().items() if ".lora_" in k}
         wrong = sorted(set(own) ^ set(adapter)) or [k for k in own if own[k].shape != adapter[k].shape]

@@ -154,6 +154,25 @@ def test_checkpoint_and_adapter_evaluate_alike_and_eval_every_matches_evaluate(a
     assert results(outs["checkpoint"])["metrics"] == results(in_training)["metrics"]
 
 
+def test_full_fine_tuning_checkpoint_evaluates_like_eval_every(assets, tmp_path):
+    run = folder(tmp_path, "train", assets)
+    assert T.main(["--preset", "tiny", "--out", str(run), "--max-steps", "1", "--precision", "fp32", "--lora-rank", "0",
+                   "--learning-rate", "0.05", "--eval-every", "1", "--eval-limit", "4"]) == 0
+    out = tmp_path / "eval"
+    assert E.main(["--task", "gsm8k", "--model", str(run / "tiny_assets" / "model_text"), "--gen-length", "16",
+                   "--block-length", "8", "--steps", "4", "--batch-size", "4", "--limit", "4", "--precision", "fp32",
+                   "--data", str(run / "tiny_assets" / "gsm8k_test.jsonl"), "--tokenizer",
+                   str(run / "tiny_assets" / "tokenizer.json"), "--checkpoint", str(run / "checkpoints" / "step_000001"),
+                   "--out", str(out)]) == 0
+    assert examples(out) == examples(run / "eval" / "step_000001")
+    base = tmp_path / "base"  # and the checkpoint's weights were loaded: the base model writes otherwise
+    assert E.main(["--task", "gsm8k", "--model", str(run / "tiny_assets" / "model_text"), "--gen-length", "16",
+                   "--block-length", "8", "--steps", "4", "--batch-size", "4", "--limit", "4", "--precision", "fp32",
+                   "--data", str(run / "tiny_assets" / "gsm8k_test.jsonl"), "--tokenizer",
+                   str(run / "tiny_assets" / "tokenizer.json"), "--out", str(base)]) == 0
+    assert [r["completion"] for r in examples(base)] != [r["completion"] for r in examples(out)]
+
+
 def test_geneval_files_are_geneval_layout(tmp_path):
     from PIL import Image
 
