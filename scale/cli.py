@@ -22,6 +22,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from scale.distributed import broadcast_object
+
 LOCK_NAME = ".lock"
 
 # -----------------------------------------------------------------------------
@@ -157,8 +159,6 @@ def release_lock(path):
 def claim_run_folder(out, d, flag="--out"):
     """Check the output folder and hold its lock for the duration of the block. Rank 0 checks and owns the
     lock; its verdict goes to every rank, so all ranks fail together (with the same one-line message)."""
-    from scale.distributed import broadcast_object
-
     problem, lock = None, None
     if d.is_main:
         try:

@@ -39,8 +39,20 @@ if __package__ in (None, ""):  # run as a script: make `scale` and `maskgrpo` im
 
 import maskgrpo  # noqa: E402
 from scale import checkpoints as C  # noqa: E402
-from scale import cli  # noqa: E402
+from scale import (
+    cli,  # noqa: E402
+    text,  # noqa: E402
+)
 from scale import distributed as D  # noqa: E402
+from scale.image import (  # noqa: E402
+    ImageTask,
+    MMaDATokens,
+    PromptRewardScorer,
+    make_reward,
+    read_geneval_metadata,
+    write_geneval_sample,
+)
+from scale.tiny import make_tiny_assets, tiny_paths  # noqa: E402
 
 TEXT_TASKS, IMAGE_TASKS = ("gsm8k", "math500"), ("geneval",)
 
@@ -113,9 +125,7 @@ class TextEval:
     reward does (last \\boxed{}, else <answer>) and checked with math-verify."""
 
     def __init__(self, task, tokenizer, data, decoding: TextDecoding, limit=None):
-        from scale import text
-
-        self.text, self.decoding = text, decoding
+        self.decoding = decoding
         rows = text.EVAL_TASKS[task][0](data)
         self.rows_in_file, self.rows = len(rows), rows[:limit]
         self.tokenizer = text.load_tokenizer(tokenizer)
@@ -127,10 +137,10 @@ class TextEval:
         return len(self.rows)
 
     def check_model(self, model_cfg):
-        self.text.check_fits(self.tokenizer, self.prompt_ids, model_cfg, self.decoding.gen_length, "--gen-length")
+        text.check_fits(self.tokenizer, self.prompt_ids, model_cfg, self.decoding.gen_length, "--gen-length")
 
     def run(self, model, idx, generator, device, out):
-        t, dec = self.text, self.decoding
+        t, dec = text, self.decoding
         ids, mask = t.left_pad([self.prompt_ids[i] for i in idx], self.tokens.eos, mask_id=self.tokens.mask)
         seq = maskgrpo.generate_text(model, ids.to(device), gen_length=dec.gen_length, block_length=dec.block_length,
                                      steps=dec.steps, temperature=dec.temperature, mask_id=self.tokens.mask,
@@ -150,12 +160,11 @@ class TextEval:
         return dict(accuracy=sum(correct) / len(correct), stderr=standard_error(correct), n=len(correct))
 
     def describe(self):
-        from scale.text import ANSWER_CHECKER
-
-        version = importlib.metadata.version("math-verify") if ANSWER_CHECKER == "math-verify" else None
+        checker = text.ANSWER_CHECKER
+        version = importlib.metadata.version("math-verify") if checker == "math-verify" else None
         return dict(prompt="official zero-shot: one user turn '<instructions>\\n\\n<question>', '<reasoning>' prefilled",
                     answer_extraction="last \\boxed{...}, else the last <answer>...</answer> (scale.text.extract_answer)",
-                    answer_checker=ANSWER_CHECKER, answer_checker_version=version)
+                    answer_checker=checker, answer_checker_version=version)
 
 
 class ImageEval:
@@ -176,8 +185,6 @@ class ImageEval:
         self.task.check_model(model_cfg)
 
     def run(self, model, idx, generator, device, out):
-        from scale.image import write_geneval_sample
-
         dec, items = self.decoding, [self.items[j] for j in idx]
         seq, _ = self.task.generate(model, [self.text_ids[p] for p, _ in items], steps=dec.steps,
                                     temperature=dec.temperature, generator=generator, device=device)
@@ -395,8 +402,6 @@ def check_args(args):
 def make_evaluator(args, decoding, device):
     if args.task in TEXT_TASKS:
         return TextEval(args.task, args.tokenizer or args.model, args.data, decoding, args.limit)
-    from scale.image import ImageTask, MMaDATokens, PromptRewardScorer, make_reward, read_geneval_metadata
-
     metadata = read_geneval_metadata(args.data)
     task = ImageTask(tokenizer=args.tokenizer or args.model, image_tokens=MMaDATokens.load(args.image_tokens),
                      prompts=args.data, vq_model=args.vq_model, reward=None, max_text_len=args.max_text_len,
@@ -458,8 +463,6 @@ def main(argv=None):
     try:
         with cli.one_line_errors(where), cli.claim_run_folder(args.out, d) as out:
             if args.preset == "tiny":
-                from scale.tiny import make_tiny_assets, tiny_paths
-
                 if d.is_main and not (out / "tiny_assets").exists():
                     make_tiny_assets(out / "tiny_assets", args.seed)
                 D.barrier()

@@ -22,6 +22,11 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+import maskgrpo
+from scale.checkpoints import atomic_output, read_json
+from scale.magvit import load_magvit_decoder
+from scale.text import load_tokenizer, read_records
+
 # -----------------------------------------------------------------------------
 # MMaDA t2i prompt layout
 
@@ -62,8 +67,6 @@ class MMaDATokens:
         """"mmada-8b", or a JSON file of the fields (the tiny preset writes one)."""
         if name_or_file == "mmada-8b":
             return cls.mmada_8b()
-        from scale.checkpoints import read_json
-
         fields_ = read_json(name_or_file)
         try:
             return cls(**fields_)
@@ -237,8 +240,6 @@ def make_reward(name, model_path=None, *, device="cpu"):
 
 def read_prompts(path):
     """Prompts of a .txt file (one per line) or of a .jsonl file with a "prompt" field (GenEval's metadata)."""
-    from scale.text import read_records
-
     path = Path(path)
     if path.suffix == ".jsonl":
         prompts = []
@@ -261,9 +262,6 @@ class ImageTask:
 
     def __init__(self, *, tokenizer, image_tokens: MMaDATokens, prompts, vq_model, reward, max_text_len,
                  num_image_tokens, sampler, guidance_scale, device):
-        from scale.magvit import load_magvit_decoder
-        from scale.text import load_tokenizer
-
         if math.isqrt(num_image_tokens) ** 2 != num_image_tokens:
             raise ValueError(f"--num-image-tokens={num_image_tokens} must be a square (a side x side grid)")
         self.tokenizer = load_tokenizer(tokenizer)
@@ -297,8 +295,6 @@ class ImageTask:
 
     def generate(self, model, text_ids, *, steps, temperature, generator, device):
         """One image per tokenised prompt in `text_ids`: (B, T) sequences and their attention mask."""
-        import maskgrpo
-
         ids, mask = t2i_batch(text_ids, **self.layout)
         uncond, uncond_mask = t2i_batch([[]] * len(text_ids), **self.layout)
         return maskgrpo.generate_image(model, ids.to(device), positions=self.positions, columns=self.ids.image_columns,
@@ -314,8 +310,6 @@ class ImageTask:
         return self.decoder.decode_code(codes.to(next(self.decoder.parameters()).device))
 
     def rollout(self, model, idx, cfg, generator, device):
-        import maskgrpo
-
         rows = [self.text_ids[i] for i in idx for _ in range(cfg.num_generations)]
         seq, mask = self.generate(model, rows, steps=cfg.diffusion_steps, temperature=cfg.temperature,
                                   generator=generator, device=device)
@@ -344,8 +338,6 @@ GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position",
 
 def read_geneval_metadata(path):
     """GenEval's evaluation_metadata.jsonl -> list of dicts; each row is checked (file and line named)."""
-    from scale.text import read_records
-
     rows = []
     for where, r in read_records(path):
         if not isinstance(r.get("prompt"), str) or not isinstance(r.get("tag"), str):
@@ -369,8 +361,6 @@ def geneval_sample_path(folder, index, sample):
 def write_geneval_sample(folder, index, sample, metadata, pixels):
     """Write one image (3, H, W) in [0, 1] as a PNG, and its prompt's metadata.jsonl, in GenEval's layout."""
     from PIL import Image
-
-    from scale.checkpoints import atomic_output
 
     path = geneval_sample_path(folder, index, sample)
     path.parent.mkdir(parents=True, exist_ok=True)

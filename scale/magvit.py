@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scale.checkpoints import read_json
+
 CONFIG_NAME = "magvit_config.json"  # this project's file of decoder widths (MagvitConfig fields), beside the weights
 
 # -----------------------------------------------------------------------------
@@ -46,8 +48,6 @@ class MagvitConfig:
     @classmethod
     def from_json(cls, path):
         """The widths in a magvit_config.json (lists become the tuples the config holds)."""
-        from scale.checkpoints import read_json
-
         fields = read_json(path)
         try:
             return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+import maskgrpo
+from scale.checkpoints import read_json
+
 # -----------------------------------------------------------------------------
 # Tokenizer and chat template
 
@@ -201,8 +204,6 @@ def read_records(path):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
     elif path.suffix == ".json":
-        from scale.checkpoints import read_json
-
         records = read_json(path)
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
@@ -413,8 +414,6 @@ class TextTask:
         check_fits(self.tokenizer, self.prompt_ids, model_cfg, self.completion_length, "--max-completion-length")
 
     def rollout(self, model, idx, cfg, generator, device):
-        import maskgrpo
-
         ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.tokens.eos, mask_id=self.tokens.mask)
         return maskgrpo.rollout_text(model, ids.to(device), mask.to(device), cfg, generator)
 

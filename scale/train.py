@@ -49,6 +49,9 @@ from scale import checkpoints as C  # noqa: E402
 from scale import cli  # noqa: E402
 from scale import distributed as D  # noqa: E402
 from scale import evaluate as E  # noqa: E402
+from scale.image import ImageTask, MMaDATokens, PromptRewardScorer, make_reward, read_geneval_metadata  # noqa: E402
+from scale.text import TextTask  # noqa: E402
+from scale.tiny import TINY_DATA, make_tiny_assets, tiny_paths  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # Presets (argparse defaults; a flag on the command line overrides them)
@@ -247,8 +250,6 @@ def check_paths(args):
 
 def fill_tiny_paths(args, folder):
     """Point every path flag the user did not give at the tiny assets."""
-    from scale.tiny import TINY_DATA, tiny_paths
-
     for name, value in tiny_paths(folder, args.task).items():
         if getattr(args, name) in (None, "tiny"):
             setattr(args, name, str(value))
@@ -263,11 +264,7 @@ def fill_tiny_paths(args, folder):
 def make_task(args, device):
     """The task the flags name (scale.text.TextTask or scale.image.ImageTask): prompts, rollouts, rewards."""
     if args.task == "text":
-        from scale.text import TextTask
-
         return TextTask(args.tokenizer or args.model, args.data, args.max_completion_length)
-    from scale.image import ImageTask, MMaDATokens, make_reward
-
     return ImageTask(tokenizer=args.tokenizer or args.model, image_tokens=MMaDATokens.load(args.image_tokens),
                      prompts=args.data, vq_model=args.vq_model,
                      reward=make_reward(args.reward, args.reward_model, device=device), max_text_len=args.max_text_len,
@@ -281,8 +278,6 @@ def make_evaluator(args, task, cfg):
     if args.task == "text":
         decoding = E.TextDecoding(cfg.max_completion_length, cfg.block_length, cfg.diffusion_steps, temperature=0.0)
         return E.TextEval("gsm8k", args.tokenizer or args.model, args.eval_data, decoding, args.eval_limit)
-    from scale.image import PromptRewardScorer, read_geneval_metadata
-
     decoding = E.ImageDecoding(cfg.diffusion_steps, args.guidance_scale, args.sampler, cfg.temperature, 1)
     return E.ImageEval(task, read_geneval_metadata(args.eval_data), decoding, PromptRewardScorer(task.reward),
                        args.eval_limit)
@@ -377,8 +372,6 @@ def main(argv=None):
         with cli.one_line_errors(rank if world > 1 else None), cli.claim_run_folder(args.out, d) as out:
             if args.preset == "tiny":
                 if d.is_main and not (out / "tiny_assets").exists():
-                    from scale.tiny import make_tiny_assets
-
                     make_tiny_assets(out / "tiny_assets", args.seed)
                 D.barrier()
                 fill_tiny_paths(args, out / "tiny_assets")
