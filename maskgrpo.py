@@ -271,10 +271,11 @@ class Block(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=False)
         self.ff_out = nn.Linear(f, d, bias=False)
 
-    def forward(self, x, cos, sin, attn_mask, kv=None, span=None):
+    def forward(self, x, cos, sin, attn_mask, kv=None, span=None, return_kv=False):
         """x (B, S, D): hidden states of the S positions computed (all T, or the positions `span`).
         kv: this layer's cached (K, V), each (B, H, T, hd), from an earlier full forward; the span's own
-        keys and values replace the cached ones inside the span. Returns (x, (k, v) of the S positions)."""
+        keys and values replace the cached ones inside the span. Returns (x, (k, v) of the S positions
+        when return_kv, else None)."""
         B, S, D = x.shape
         n = self.attn_norm(x)
         q, k, v = (p(n).view(B, S, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -289,7 +290,7 @@ class Block(nn.Module):
         h = x + self.attn_out(y.transpose(1, 2).reshape(B, S, D))
         m = self.ff_norm(h)
         # SwiGLU: ff_out(silu(ff_proj(m)) * up_proj(m))
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), (k, v) if return_kv else None
 
 
 class MaskedDiffusionLM(nn.Module):
@@ -331,7 +332,7 @@ class MaskedDiffusionLM(nn.Module):
         mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
         new_kv = []
         for i, block in enumerate(t.blocks):
-            args = (x, cos, sin, mask, None if kv is None else kv[i], span)
+            args = (x, cos, sin, mask, None if kv is None else kv[i], span, return_kv)
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x, layer_kv = checkpoint(block, *args, use_reentrant=False)
             else:
@@ -536,7 +537,7 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
         kv = None
         for s in range(steps_per_block):
             masked = x[:, block] == mask_id  # (B, Lb)
-            if not masked.any():  # only after threshold steps committed the whole block early
+            if threshold is not None and not masked.any():  # the block was filled early: skip its other steps
                 break
             if cache == "none":
                 logits = model(x, attention_mask, positions=block)

@@ -10,6 +10,10 @@ MaskGRPO step, on an LLaDA-8B-shaped model (ModelConfig.llada_8b()) with random 
 Measured, each with peak memory (torch.cuda.max_memory_allocated) and seconds:
   rollout_text      G 6 completions of 256 tokens after a 256-token prompt, 128 steps, block 16
                     (maskgrpo.generate_text, no grad); with --steps < 128 the time is extrapolated
+  rollout_text_prefix, rollout_text_dual, rollout_text_dual_threshold0.9
+                    the same with Fast-dLLM's prefix / dual KV cache, and dual cache + confidence threshold
+                    0.9 (approximate samplers; forwards and completion tokens/s reported)
+  eval_text_greedy  scale/evaluate.py's decoding: --eval-batch prompts, greedy, same canvas
   score_logps       one old / reference log-prob pass over the 6 rows (maskgrpo.masked_logps, no grad),
                     repeated --mu times; a step needs 2 x mu of them (old + reference)
   update_lora_ac    one GRPO update (forward, loss, backward, clip, AdamW) of LoRA r128 on q,k,v,up:
@@ -50,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-length", type=int, default=256)
     p.add_argument("--completion-length", type=int, default=256)
     p.add_argument("--lora-rank", type=int, default=128)
+    p.add_argument("--eval-batch", type=int, default=8, help="prompts per batch of the evaluation measurement")
     p.add_argument("--skip", default="", help="comma-separated measurement names to skip")
     p.add_argument("--budget-s", type=float, default=330, help="skip measurements that would start after this")
     return p.parse_args(argv)
@@ -57,7 +62,7 @@ def parse_args(argv=None):
 
 def tiny_sizes(args):
     """--tiny: the same measurements at toy sizes."""
-    args.steps, args.mu, args.num_generations = 4, 2, 2
+    args.steps, args.mu, args.num_generations, args.eval_batch = 4, 2, 2, 2
     args.prompt_length, args.completion_length, args.lora_rank = 8, 16, 4
     return ModelConfig.tiny(vocab_size=256, mask_token_id=255, eos_token_id=254, d_model=32, n_layers=2, n_heads=2,
                             mlp_hidden_size=64)
@@ -171,22 +176,37 @@ def main(argv=None):
     gen = torch.Generator(device).manual_seed(0)
     prompt = torch.randint(0, cfg.mask_token_id, (1, P), generator=gen, device=device)
 
-    # --- text rollout
-    def rollout():
-        with torch.no_grad(), autocast(device):
-            model(prompt.repeat(G, 1)[:, :8])  # warm-up (kernels, allocator)
-            h.sync()
-            t0 = time.time()
-            seq = maskgrpo.generate_text(model, prompt.repeat(G, 1), gen_length=L, block_length=block, steps=args.steps,
-                                         temperature=0.9, mask_id=cfg.mask_token_id, generator=gen)
-            h.sync()
-        s = time.time() - t0
-        full = 128 if not args.tiny else args.steps
-        return seq, dict(rollout_seconds=round(s, 3), seconds_per_step=round(s / args.steps, 4),
-                         extrapolated_seconds_128_steps=round(s / args.steps * full, 2),
-                         extrapolated=args.steps != full)
+    # --- text rollouts: the exact sampler, then Fast-dLLM's cache and threshold (approximations of it)
+    def rollout(rows, temperature, cache="none", threshold=None):
+        def run():
+            with torch.no_grad(), autocast(device):
+                model(prompt.repeat(rows, 1)[:, :8])  # warm-up (kernels, allocator)
+                h.sync()
+                t0 = time.time()
+                seq, trajectory = maskgrpo.generate_text(
+                    model, prompt.repeat(rows, 1), gen_length=L, block_length=block, steps=args.steps,
+                    temperature=temperature, mask_id=cfg.mask_token_id, generator=gen, cache=cache, threshold=threshold,
+                    return_trajectory=True)
+                h.sync()
+            s = time.time() - t0
+            forwards = int(trajectory.max())  # the step at which the last token was committed
+            full = 128 if not args.tiny else args.steps
+            return seq, dict(rollout_seconds=round(s, 3), forwards=forwards, seconds_per_forward=round(s / forwards, 4),
+                             completion_tokens_per_s=round(rows * L / s, 1),
+                             extrapolated_seconds_128_steps=round(s / args.steps * full, 2) if threshold is None else None,
+                             extrapolated=args.steps != full and threshold is None)
+        return run
 
-    seq = h("rollout_text", rollout, note=f"G {G} x ({P} prompt + {L}) tokens, block {block}; seconds include a warm-up forward")
+    shape = f"{P} prompt + {L}) tokens, block {block}; rollout_seconds excludes a warm-up forward"
+    seq = h("rollout_text", rollout(G, 0.9), note=f"G {G} x ({shape}")
+    for cache, threshold in (("prefix", None), ("dual", None), ("dual", 0.9)):
+        name = f"rollout_text_{cache}" + ("" if threshold is None else f"_threshold{threshold}")
+        h(name, rollout(G, 0.9, cache, threshold),
+          note=f"G {G} x ({shape}; Fast-dLLM {cache} cache" + ("" if threshold is None else f", threshold {threshold}")
+               + ("" if threshold is None else "; random weights give near-uniform confidences, so the threshold is "
+                  "expected to commit only the schedule's minimum: the time is the cache's, not a trained model's"))
+    h("eval_text_greedy", rollout(args.eval_batch, 0.0),
+      note=f"evaluation: {args.eval_batch} prompts x ({shape}, greedy (scale/evaluate.py's default decoding)")
     if seq is None:
         seq = torch.cat([prompt.repeat(G, 1), torch.randint(0, cfg.mask_token_id, (G, L), generator=gen, device=device)], 1)
     batch = maskgrpo.text_completions(seq, torch.ones(G, P, dtype=torch.bool, device=device), cfg.eos_token_id,

@@ -1,5 +1,5 @@
 """
-Image side of the scale recipe: MMaDA text-to-image prompts, the MAGVIT-v2 decoder, image rewards.
+The text-to-image task: MMaDA t2i prompts, image rewards, rollouts decoded by MAGVIT-v2, GenEval's files.
 
 MMaDA-8B-Base (Gen-Verse/MMaDA) reuses reserved LLaDA ids: <|soi|> 126084, <|eoi|> 126085, <|t2i|> 126088,
 [iPAD] 126093; image code c is token 126349 + c for c in [0, 8192). Its t2i prompt (UniversalPrompting
@@ -10,15 +10,10 @@ MMaDA-8B-Base (Gen-Verse/MMaDA) reuses reserved LLaDA ids: <|soi|> 126084, <|eoi
 
 A longer text is cut to its first max_text_len - 1 tokens and <eos> appended. The unconditional prompt
 (classifier-free guidance) is the same with empty text. Image logits use columns [126349, 134541).
-
-MAGVIT-v2 (showlab/magvitv2, as in Show-o and MMaDA): a lookup-free quantiser, code c <-> 13 bits of
-c written MSB first as +-1, feeds a convolutional decoder (ch 128, ch_mult [1,1,2,2,4], num_res_blocks
-[4,4,3,4,3], z_channels 13; 16x upsampling, 32 x 32 codes -> 512 x 512 pixels). `MagvitDecoder` holds
-only the decoder and quantiser under the official key names (decoder.*, quantize.*), so the official
-weights load after dropping encoder.*. Pixels come out roughly in [-1, 1]; decode_code maps them to
-[0, 1] with clamp((x + 1) / 2, 0, 1).
+Codes are decoded to pixels by scale.magvit.
 """
 
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -26,7 +21,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+import maskgrpo
+from scale.checkpoints import atomic_output, read_json
+from scale.magvit import load_magvit_decoder
+from scale.text import load_tokenizer, read_records
 
 # -----------------------------------------------------------------------------
 # MMaDA t2i prompt layout
@@ -62,6 +61,17 @@ class MMaDATokens:
         """Gen-Verse/MMaDA-8B-Base (LLaDA tokenizer + reserved tokens + 8192 MAGVIT-v2 codes)."""
         return cls(bos=126080, eos=126081, mask=126336, soi=126084, eoi=126085, t2i=126088, pad=126093,
                    image_offset=126349, codebook_size=8192)
+
+    @classmethod
+    def load(cls, name_or_file):
+        """"mmada-8b", or a JSON file of the fields (the tiny preset writes one)."""
+        if name_or_file == "mmada-8b":
+            return cls.mmada_8b()
+        fields_ = read_json(name_or_file)
+        try:
+            return cls(**fields_)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name_or_file}: {e}") from None
 
     @property
     def image_columns(self):
@@ -122,212 +132,6 @@ def codes_to_ids(codes, ids: MMaDATokens):
 def ids_to_codes(token_ids, ids: MMaDATokens):
     """Token ids -> image codes, clamped to [0, codebook_size - 1] (as MMaDA does before decoding)."""
     return (token_ids - ids.image_offset).clamp(0, ids.codebook_size - 1)
-
-
-# -----------------------------------------------------------------------------
-# MAGVIT-v2 decoder (decoder-only; key names as showlab/magvitv2)
-
-
-@dataclass(frozen=True)
-class MagvitConfig:
-    """Decoder widths. Defaults are the official MAGVIT-v2 decoder used by Show-o / MMaDA."""
-
-    ch: int = 128
-    ch_mult: tuple = (1, 1, 2, 2, 4)  # per resolution level, level 0 = full resolution
-    num_res_blocks: tuple = (4, 4, 3, 4, 3)  # per level
-    z_channels: int = 13  # latent channels = code bits (2 ** 13 = 8192 codes)
-    out_ch: int = 3
-    norm_groups: int = 32  # GroupNorm groups (official 32); tiny test decoders use fewer
-
-    def __post_init__(self):
-        if len(self.ch_mult) != len(self.num_res_blocks):
-            raise ValueError(f"ch_mult={self.ch_mult} and num_res_blocks={self.num_res_blocks} must have one entry per level")
-        widths = [self.ch * m for m in self.ch_mult]
-        if any(w % self.norm_groups for w in widths):
-            raise ValueError(f"every width ch*ch_mult={widths} must be divisible by norm_groups={self.norm_groups}")
-        if not 1 <= self.z_channels <= 30:
-            raise ValueError(f"z_channels={self.z_channels} must be in [1, 30] (2**z_channels codes)")
-
-    @property
-    def upsampling(self):
-        """Pixels per code along each side: 2 ** (levels - 1) (16 for the official decoder)."""
-        return 2 ** (len(self.ch_mult) - 1)
-
-
-def _norm(channels, groups):
-    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    """h = conv2(silu(norm2(conv1(silu(norm1(x)))))); out = shortcut(x) + h (1x1 nin_shortcut if widths differ)."""
-
-    def __init__(self, in_channels, out_channels, groups):
-        super().__init__()
-        self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
-
-    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions with 1x1-conv q, k, v, proj_out; residual."""
-
-    def __init__(self, channels, groups):
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(channels, channels, 1) for _ in range(4))
-
-    def forward(self, x):  # (B, C, H, W)
-        B, C, H, W = x.shape
-        n = self.norm(x)
-        q, k, v = (p(n).reshape(B, 1, C, H * W).transpose(-1, -2) for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
-        return x + self.proj_out(y.transpose(-1, -2).reshape(B, C, H, W))
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class Decoder(nn.Module):
-    """post_quant_conv -> conv_in -> mid (block_1, attn_1, block_2) -> up levels from coarse to fine
-    (up[i].block[j], up[i].upsample for i > 0) -> norm_out -> silu -> conv_out."""
-
-    def __init__(self, cfg: MagvitConfig):
-        super().__init__()
-        g = cfg.norm_groups
-        width = cfg.ch * cfg.ch_mult[-1]
-        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 1)
-        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(width, width, g)
-        self.mid.attn_1 = AttnBlock(width, g)
-        self.mid.block_2 = ResnetBlock(width, width, g)
-        # official attn_resolutions [5] never matches a 16..256 grid: the up levels have no attention
-        levels = []
-        for i in reversed(range(len(cfg.ch_mult))):
-            level = nn.Module()
-            out = cfg.ch * cfg.ch_mult[i]
-            level.block = nn.ModuleList()
-            for _ in range(cfg.num_res_blocks[i]):
-                level.block.append(ResnetBlock(width, out, g))
-                width = out
-            if i != 0:
-                level.upsample = Upsample(width)
-            levels.insert(0, level)  # self.up[i] is level i (0 = full resolution)
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(width, g)
-        self.conv_out = nn.Conv2d(width, cfg.out_ch, 3, padding=1)
-
-    def forward(self, z):  # (B, z_channels, h, w) -> (B, out_ch, h * 2**(levels-1), w * 2**(levels-1))
-        h = self.conv_in(self.post_quant_conv(z))
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        for i in reversed(range(len(self.up))):
-            for block in self.up[i].block:
-                h = block(h)
-            if i != 0:
-                h = self.up[i].upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class LookupFreeQuantizer(nn.Module):
-    """MAGVIT-v2 LFQ codebook: code c <-> its `bits` binary digits, MSB first, as -1/+1.
-    Buffers as the official module: embedding (2**bits, bits) and power_vals (bits,)."""
-
-    def __init__(self, bits):
-        super().__init__()
-        powers = 2 ** torch.arange(bits - 1, -1, -1)  # (bits,)  MSB first
-        codes = torch.arange(2**bits)
-        self.register_buffer("embedding", ((codes[:, None] // powers) % 2).float() * 2 - 1)  # (2**bits, bits)
-        self.register_buffer("power_vals", powers)
-
-    def code_to_bits(self, codes):  # (...) long -> (..., bits) in {-1, +1}
-        return self.embedding[codes]
-
-    def bits_to_code(self, bits):  # (..., bits) -> (...) long; a bit is 1 where the latent is > 0
-        return ((bits > 0).long() * self.power_vals).sum(-1)
-
-
-class MagvitDecoder(nn.Module):
-    """Decoder-only MAGVIT-v2: codes (B, N) -> pixels. Keys: decoder.*, quantize.* (official names)."""
-
-    def __init__(self, cfg: MagvitConfig | None = None):
-        super().__init__()
-        self.config = cfg or MagvitConfig()
-        self.decoder = Decoder(self.config)
-        self.quantize = LookupFreeQuantizer(self.config.z_channels)
-
-    @property
-    def codebook_size(self):
-        return 2**self.config.z_channels
-
-    def decode_latent(self, z):
-        """(B, z_channels, h, w) latent -> (B, 3, H, W) raw decoder output (roughly [-1, 1])."""
-        return self.decoder(z)
-
-    @torch.no_grad()
-    def decode_code(self, codes):
-        """codes (B, N), N = side**2 in row-major order -> pixels (B, 3, side*f, side*f) in [0, 1],
-        f = config.upsampling. Codes are clamped to [0, codebook_size - 1] first (as MMaDA)."""
-        if codes.dim() != 2:
-            raise ValueError(f"codes must be (B, N), got shape {tuple(codes.shape)}")
-        B, N = codes.shape
-        side = math.isqrt(N)
-        if side * side != N:
-            raise ValueError(f"number of codes N={N} is not a square grid")
-        codes = codes.long().clamp(0, self.codebook_size - 1)
-        z = self.quantize.code_to_bits(codes).view(B, side, side, -1).permute(0, 3, 1, 2)  # (B, bits, side, side)
-        x = self.decode_latent(z.to(self.quantize.embedding.dtype))
-        return ((x.float() + 1) / 2).clamp(0, 1)  # (B, 3, H, W)
-
-
-def load_magvit_decoder(path, cfg: MagvitConfig | None = None, *, device="cpu"):
-    """MagvitDecoder with weights from a MAGVIT-v2 checkpoint: a .safetensors or .bin/.pt file, or a
-    folder holding one. encoder.* (and quant_conv) keys are ignored; every decoder.* key must match.
-    If the file has the quantiser buffers, they must equal ours (checks the MSB-first bit order)."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")) + sorted(path.glob("*.pt"))
-        if not candidates:
-            raise FileNotFoundError(f"no .safetensors, .bin or .pt weights in {path}")
-        path = candidates[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"MAGVIT-v2 weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
-    model = MagvitDecoder(cfg).to(device)
-    own = model.state_dict()
-    wanted = {k: v for k, v in state.items() if k.startswith(("decoder.", "quantize."))}
-    missing = [k for k in own if k.startswith("decoder.") and k not in wanted]
-    unexpected = [k for k in wanted if k not in own]
-    if missing or unexpected:
-        raise ValueError(f"MAGVIT-v2 checkpoint {path.name} does not fit MagvitDecoder({model.config}): "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    for k, v in wanted.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"{k} has shape {tuple(v.shape)} in {path.name}, the decoder expects {tuple(own[k].shape)}")
-        if k.startswith("quantize.") and not torch.equal(v.to(own[k].dtype), own[k]):
-            raise ValueError(f"{k} in {path.name} differs from the MSB-first bit table this decoder uses")
-    model.load_state_dict({**own, **wanted})
-    return model.eval().requires_grad_(False)
 
 
 # -----------------------------------------------------------------------------
@@ -419,3 +223,171 @@ class ClipScoreReward:
             image_emb = self.model.encode_image(pixels)
             text_emb = self.model.encode_text(self.tokenizer(prompts).to(self.device))
         return F.cosine_similarity(image_emb.float(), text_emb.float(), dim=-1).to(images.device)  # (B,)
+
+
+def make_reward(name, model_path=None, *, device="cpu"):
+    """The reward adapter a flag names: "clip" (a local CLIP folder) or "stub" (tests)."""
+    if name == "clip":
+        return ClipScoreReward(model_path, device=device)
+    if name == "stub":
+        return StubImageReward()
+    raise ValueError(f"image reward {name!r} must be 'clip' or 'stub'")
+
+
+# -----------------------------------------------------------------------------
+# The training task: prompts -> MMaDA rollouts -> MAGVIT-v2 pixels -> rewards
+
+
+def read_prompts(path):
+    """Prompts of a .txt file (one per line) or of a .jsonl file with a "prompt" field (GenEval's metadata)."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        prompts = []
+        for where, r in read_records(path):
+            if not isinstance(r.get("prompt"), str):
+                raise ValueError(f"{where}: lacks text field 'prompt' (has {sorted(r)})")
+            prompts.append(r["prompt"])
+        return prompts
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prompt file not found")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
+
+
+class ImageTask:
+    """MMaDA text-to-image training: t2i prompts, emerge / MaskGIT rollouts with classifier-free guidance,
+    MAGVIT-v2 decodes, an image reward on the pixels."""
+
+    def __init__(self, *, tokenizer, image_tokens: MMaDATokens, prompts, vq_model, reward, max_text_len,
+                 num_image_tokens, sampler, guidance_scale, device):
+        if math.isqrt(num_image_tokens) ** 2 != num_image_tokens:
+            raise ValueError(f"--num-image-tokens={num_image_tokens} must be a square (a side x side grid)")
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.ids, self.reward = image_tokens, reward
+        self.prompts = read_prompts(prompts)
+        self.text_ids = [self.encode(p) for p in self.prompts]
+        self.special = dict(mask_token_id=self.ids.mask, eos_token_id=self.ids.eos)
+        self.layout = dict(max_text_len=max_text_len, ids=self.ids, num_image_tokens=num_image_tokens)
+        self.positions = image_positions(max_text_len=max_text_len, num_image_tokens=num_image_tokens)
+        self.sampler, self.guidance_scale = sampler, guidance_scale
+        self.decoder = load_magvit_decoder(vq_model, device=device)
+        if self.decoder.codebook_size != self.ids.codebook_size:
+            raise ValueError(f"the MAGVIT decoder has {self.decoder.codebook_size} codes, the token layout "
+                             f"{self.ids.codebook_size}")
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def check_model(self, cfg):
+        end = self.ids.image_offset + self.ids.codebook_size
+        if cfg.vocab_size < end:
+            raise ValueError(f"the model's vocab_size={cfg.vocab_size} has no room for image codes "
+                             f"[{self.ids.image_offset}, {end}): is this a text-only checkpoint?")
+        length = self.positions.stop + 1
+        if length > cfg.max_sequence_length:
+            raise ValueError(f"--max-text-len + --num-image-tokens: t2i sequences of {length} tokens exceed the "
+                             f"model's max_sequence_length={cfg.max_sequence_length}")
+
+    def encode(self, prompt):
+        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+
+    def generate(self, model, text_ids, *, steps, temperature, generator, device):
+        """One image per tokenised prompt in `text_ids`: (B, T) sequences and their attention mask."""
+        ids, mask = t2i_batch(text_ids, **self.layout)
+        uncond, uncond_mask = t2i_batch([[]] * len(text_ids), **self.layout)
+        return maskgrpo.generate_image(model, ids.to(device), positions=self.positions, columns=self.ids.image_columns,
+                                       steps=steps, mask_id=self.ids.mask, mode=self.sampler,
+                                       guidance_scale=self.guidance_scale, uncond_ids=uncond.to(device),
+                                       temperature=temperature, generator=generator, attention_mask=mask.to(device),
+                                       uncond_attention_mask=uncond_mask.to(device)), mask.to(device)
+
+    @torch.no_grad()
+    def pixels(self, sequences):
+        """(B, T) generated sequences -> (B, 3, H, W) images in [0, 1]."""
+        codes = ids_to_codes(sequences[:, self.positions], self.ids)
+        return self.decoder.decode_code(codes.to(next(self.decoder.parameters()).device))
+
+    def rollout(self, model, idx, cfg, generator, device):
+        rows = [self.text_ids[i] for i in idx for _ in range(cfg.num_generations)]
+        seq, mask = self.generate(model, rows, steps=cfg.diffusion_steps, temperature=cfg.temperature,
+                                  generator=generator, device=device)
+        scored = torch.ones(len(seq), self.positions.stop - self.positions.start, dtype=torch.bool, device=device)
+        return maskgrpo.Completions(seq, mask, self.positions, scored, columns=self.ids.image_columns)
+
+    @torch.no_grad()
+    def rewards(self, batch, idx, G):
+        prompts = [self.prompts[i] for i in idx for _ in range(G)]
+        return self.reward(self.pixels(batch.sequences), prompts).float().cpu(), prompts
+
+
+# -----------------------------------------------------------------------------
+# GenEval (djghosh13/geneval): its prompt metadata, its image folder layout, an in-process scorer interface
+#
+# evaluation_metadata.jsonl: one JSON object per prompt, {"tag", "include": [{"class", "count", "color"?,
+# "position"?: [relation, index]}], "exclude"?: [{"class", "count"}], "prompt"}. GenEval's own generation script
+# (generation/diffusers_generate.py) writes, and its scorer (evaluation/evaluate_images.py) reads:
+#     <folder>/<prompt index, 5 digits>/metadata.jsonl      that prompt's metadata line, one JSON object
+#     <folder>/<prompt index, 5 digits>/samples/<k, 5 digits>.png
+# The scorer needs an object detector (mmdet, Mask2Former) and CLIP, which do not ship here: run it on the
+# folder. In process, images are scored by an ImageScorer (a CLIP similarity, or the stub in tests).
+
+GENEVAL_TAGS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+
+def read_geneval_metadata(path):
+    """GenEval's evaluation_metadata.jsonl -> list of dicts; each row is checked (file and line named)."""
+    rows = []
+    for where, r in read_records(path):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("tag"), str):
+            raise ValueError(f"{where}: a GenEval row needs text fields 'tag' and 'prompt' (has {sorted(r)})")
+        for key in ("include", "exclude"):
+            clauses = r.get(key, [])
+            if not isinstance(clauses, list) or not all(isinstance(c, dict) and isinstance(c.get("class"), str)
+                                                        and isinstance(c.get("count"), int) for c in clauses):
+                raise ValueError(f"{where}: '{key}' must be a list of {{'class': str, 'count': int, ...}}")
+        if not r.get("include"):
+            raise ValueError(f"{where}: 'include' must name at least one object")
+        rows.append(r)
+    return rows
+
+
+def geneval_sample_path(folder, index, sample):
+    """Where GenEval's scorer looks for sample `sample` of prompt `index`."""
+    return Path(folder) / f"{index:05d}" / "samples" / f"{sample:05d}.png"
+
+
+def write_geneval_sample(folder, index, sample, metadata, pixels):
+    """Write one image (3, H, W) in [0, 1] as a PNG, and its prompt's metadata.jsonl, in GenEval's layout."""
+    from PIL import Image
+
+    path = geneval_sample_path(folder, index, sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = path.parent.parent / "metadata.jsonl"
+    if not meta.is_file():
+        with atomic_output(meta) as tmp:
+            tmp.write_text(json.dumps(metadata))
+    array = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()  # (H, W, 3)
+    with atomic_output(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+    return path
+
+
+@runtime_checkable
+class ImageScorer(Protocol):
+    """In-process image scoring for evaluation: images (B, 3, H, W) in [0, 1] and their GenEval metadata rows
+    -> (B,) scores. A GenEval detector adapter would return 1.0 where an image satisfies every include
+    clause and no exclude clause, else 0.0 (what evaluation/evaluate_images.py decides per image)."""
+
+    def __call__(self, images: torch.Tensor, metadata: list[dict]) -> torch.Tensor: ...
+
+
+class PromptRewardScorer:
+    """An ImageScorer from a prompt reward (CLIP similarity, the stub): reward(images, [row["prompt"], ...])."""
+
+    def __init__(self, reward: RewardAdapter):
+        self.reward = reward
+
+    def __call__(self, images, metadata):
+        return self.reward(images, [m["prompt"] for m in metadata])

@@ -1,5 +1,5 @@
 """
-Text side of the scale recipe: LLaDA tokenizer, chat prompt, left padding, GSM8K and its rewards.
+The text task: LLaDA chat prompts, GSM8K / MATH500 files, answer checking, rewards, GSM8K training rollouts.
 
 LLaDA-8B-Instruct (tokenizer_config.json on the Hub): bos <|startoftext|> 126080, eos <|endoftext|>
 126081, mask <|mdm_mask|> 126336, <|start_header_id|> 126346, <|end_header_id|> 126347, <|eot_id|>
@@ -7,9 +7,9 @@ LLaDA-8B-Instruct (tokenizer_config.json on the Hub): bos <|startoftext|> 126080
 
     <|startoftext|><|start_header_id|>user<|end_header_id|>\\n\\n{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
 
-GSM8K rewards, as the official MaskGRPO text run (method.md §5; grpo/mask_grpo_train.py uses exactly
-these three): 2.0 if the last \\boxed{...} answer equals the gold, 0.5 if that answer is an integer,
-0.5 if the completion has a <reasoning>...</reasoning> block. Each reward is a function
+GSM8K rewards, as the official MaskGRPO text run (the official grpo/mask_grpo_train.py uses exactly these
+three): 2.0 if the last \\boxed{...} answer equals the gold, 0.5 if that answer is an integer, 0.5 if the
+completion has a <reasoning>...</reasoning> block. Each reward is a function
 (completions: list[str], golds: list[str]) -> list[float].
 """
 
@@ -22,6 +22,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+
+import maskgrpo
+from scale.checkpoints import read_json
 
 # -----------------------------------------------------------------------------
 # Tokenizer and chat template
@@ -115,20 +118,21 @@ def _encoder(tokenizer):
     raise ValueError(f"tokenizer must have .encode or be callable, got {type(tokenizer).__name__}")
 
 
-def chat_prompt(tokenizer, question, *, tokens: ChatTokens, system=None):
+def chat_prompt(tokenizer, question, *, tokens: ChatTokens, system=None, prefill=""):
     """Prompt ids of the LLaDA chat template, ending with the assistant header for generation:
 
         bos, then per message  <|start_header_id|> role <|end_header_id|> "\\n\\n" content <|eot_id|>,
-        then <|start_header_id|> assistant <|end_header_id|> "\\n\\n"
+        then <|start_header_id|> assistant <|end_header_id|> "\\n\\n" prefill
 
     tokenizer: a tokenizers.Tokenizer, or any callable str -> list[int] (text without special tokens).
     Special ids come from `tokens`; the text pieces are encoded separately, which is what encoding the
-    rendered string does too (added tokens split the text first)."""
+    rendered string does too (added tokens split the text first). prefill: the start of the answer, already
+    written (the official evaluation writes "<reasoning>")."""
     encode = _encoder(tokenizer)
     ids = [tokens.bos]
     for m in _messages(question, system):
         ids += [tokens.start_header, *encode(m["role"]), tokens.end_header, *encode("\n\n" + m["content"].strip()), tokens.eot]
-    return ids + [tokens.start_header, *encode("assistant"), tokens.end_header, *encode("\n\n")]
+    return ids + [tokens.start_header, *encode("assistant"), tokens.end_header, *encode("\n\n" + prefill)]
 
 
 def completion_text(tokenizer, ids, *, tokens: ChatTokens):
@@ -160,7 +164,7 @@ def left_pad(sequences, pad_id, *, mask_id):
 
 
 # -----------------------------------------------------------------------------
-# GSM8K
+# Data files: GSM8K (train and test, openai/gsm8k's layout) and MATH500 (problem, answer)
 
 # The official MaskGRPO LLaDA prompt (grpo/data_utils.py): reasoning block, then the boxed answer.
 GSM8K_SYSTEM_PROMPT = (
@@ -168,10 +172,12 @@ GSM8K_SYSTEM_PROMPT = (
     "Wrap the final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\n"
     "Your reasoning here\n</reasoning>\n\\boxed{...}"
 )
+# The official evaluation's MATH500 instructions (dataset/math500.py): the same, without the space before "\n"
+MATH500_SYSTEM_PROMPT = GSM8K_SYSTEM_PROMPT.replace("\\boxed{}. \n", "\\boxed{}.\n")
 
 
 def gsm8k_user_message(question):
-    """The user turn of the official LLaDA GSM8K prompt: instructions, then the question."""
+    """The user turn of the official LLaDA GSM8K training prompt: instructions, then the question."""
     return f"{GSM8K_SYSTEM_PROMPT}\n\nQuestion:{question}\n"
 
 
@@ -183,44 +189,65 @@ def gsm8k_gold(answer):
     return answer.split("####")[-1].strip().replace(",", "")
 
 
-def _gsm8k_rows(records, source):
-    rows = []
-    for i, r in enumerate(records):
-        for field in ("question", "answer"):
-            if field not in r:
-                raise ValueError(f"{source}: record {i} lacks field {field!r} (has {sorted(r)})")
-        rows.append({"question": r["question"], "answer": r["answer"], "gold": gsm8k_gold(r["answer"])})
-    return rows
-
-
-def load_gsm8k(path=None, *, split="train", hf_name="openai/gsm8k"):
-    """GSM8K as a list of {"question", "answer", "gold"} dicts.
-
-    path: a local .jsonl / .json / .parquet file with fields question and answer (the layout of
-    openai/gsm8k). Without a path, the `datasets` library loads `hf_name` ("main" config, `split`)."""
-    if path is None:
-        try:
-            import datasets
-        except ImportError as e:
-            raise ImportError("load_gsm8k without a path needs the `datasets` package (pip install datasets)") from e
-        return _gsm8k_rows(datasets.load_dataset(hf_name, "main", split=split), f"{hf_name}[{split}]")
+def read_records(path):
+    """[(where, record)] of a .jsonl (one JSON object per line), .json (a list of objects) or .parquet file;
+    `where` names the file and line (or record) for error messages. Malformed input raises ValueError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GSM8K file not found: {path}")
+        raise FileNotFoundError(f"{path}: data file not found")
     if path.suffix == ".jsonl":
-        lines = path.read_text().splitlines()
-        records = [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((f"{path}, line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e.msg}, column {e.colno})") from None
     elif path.suffix == ".json":
-        records = json.loads(path.read_text())
+        records = read_json(path)
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+        out = [(f"{path}, record {i}", r) for i, r in enumerate(records)]
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
             raise ImportError("reading .parquet needs the `pyarrow` package (pip install pyarrow)") from e
-        records = pq.read_table(path).to_pylist()
+        out = [(f"{path}, record {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     else:
-        raise ValueError(f"GSM8K file suffix {path.suffix!r} is not one of .jsonl, .json, .parquet: {path}")
-    return _gsm8k_rows(records, str(path))
+        raise ValueError(f"{path}: suffix {path.suffix!r} is not one of .jsonl, .json, .parquet")
+    if not out:
+        raise ValueError(f"{path}: no records")
+    for where, r in out:
+        if not isinstance(r, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(r).__name__}")
+    return out
+
+
+def _fields(where, record, names):
+    missing = [n for n in names if not isinstance(record.get(n), str)]
+    if missing:
+        raise ValueError(f"{where}: lacks text field(s) {missing} (has {sorted(record)})")
+    return [record[n] for n in names]
+
+
+def load_gsm8k(path):
+    """GSM8K as a list of {"question", "answer", "gold"} dicts, from a local .jsonl / .json / .parquet file
+    with fields question and answer (the layout of openai/gsm8k; its train and test splits alike)."""
+    rows = []
+    for where, r in read_records(path):
+        question, answer = _fields(where, r, ("question", "answer"))
+        if "####" not in answer:
+            raise ValueError(f"{where}: the answer has no '####' marker before the gold number: {answer[-60:]!r}")
+        rows.append({"question": question, "answer": answer, "gold": gsm8k_gold(answer)})
+    return rows
+
+
+def load_math500(path):
+    """MATH500 (HuggingFaceH4/MATH-500's layout) as {"question", "gold"} dicts, from a file of records with
+    fields problem and answer."""
+    return [dict(zip(("question", "gold"), _fields(where, r, ("problem", "answer")), strict=True))
+            for where, r in read_records(path)]
 
 
 # -----------------------------------------------------------------------------
@@ -361,3 +388,66 @@ def total_reward(completions, golds, rewards=GSM8K_REWARDS):
     """Sum of the reward functions, one float per completion."""
     parts = [reward(completions, golds) for reward in rewards]
     return [sum(values) for values in zip(*parts, strict=True)]
+
+
+# -----------------------------------------------------------------------------
+# The training task, and the evaluation prompts
+
+
+class TextTask:
+    """GSM8K training with the LLaDA chat template: the official prompt, G rollouts per prompt
+    (maskgrpo.rollout_text), reward = format + integer + correct (max 3)."""
+
+    def __init__(self, tokenizer, data, max_completion_length):
+        self.completion_length = max_completion_length
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.tokens = ChatTokens.from_tokenizer(self.tokenizer)
+        self.rows = load_gsm8k(data)
+        self.prompt_ids = [chat_prompt(self.tokenizer, gsm8k_user_message(r["question"]), tokens=self.tokens)
+                           for r in self.rows]
+        self.special = dict(mask_token_id=self.tokens.mask, eos_token_id=self.tokens.eos)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def check_model(self, model_cfg):
+        check_fits(self.tokenizer, self.prompt_ids, model_cfg, self.completion_length, "--max-completion-length")
+
+    def rollout(self, model, idx, cfg, generator, device):
+        ids, mask = left_pad([self.prompt_ids[i] for i in idx], self.tokens.eos, mask_id=self.tokens.mask)
+        return maskgrpo.rollout_text(model, ids.to(device), mask.to(device), cfg, generator)
+
+    def rewards(self, batch, idx, G):
+        texts = [completion_text(self.tokenizer, row, tokens=self.tokens) for row in batch.completion.cpu()]
+        golds = [self.rows[i]["gold"] for i in idx for _ in range(G)]
+        return torch.tensor(total_reward(texts, golds), dtype=torch.float32), texts
+
+
+def check_fits(tokenizer, prompt_ids, model_cfg, completion_length, flag):
+    """The tokenizer fits the model's vocabulary, and the longest prompt plus `completion_length` fits its
+    max_sequence_length (checked before any model is built; `flag` names the setting in the error)."""
+    if tokenizer.get_vocab_size() > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer ({tokenizer.get_vocab_size()} tokens) does not fit the model's "
+                         f"vocab_size={model_cfg.vocab_size}")
+    longest = max(len(ids) for ids in prompt_ids)
+    if longest + completion_length > model_cfg.max_sequence_length:
+        raise ValueError(f"{flag} {completion_length}: the longest prompt ({longest} tokens) + {completion_length} "
+                         f"completion tokens exceed the model's max_sequence_length={model_cfg.max_sequence_length}")
+
+
+# The official evaluation (scripts/eval/GSM8K.sh, MATH500.sh -> distributed_inference_t2t.py, zero-shot): one user
+# turn "<instructions>\n\n<question>", the assistant header, and "<reasoning>" already written.
+EVAL_TASKS = {"gsm8k": (load_gsm8k, GSM8K_SYSTEM_PROMPT), "math500": (load_math500, MATH500_SYSTEM_PROMPT)}
+
+
+def eval_prompts(task, tokenizer, rows, tokens: ChatTokens):
+    """Prompt ids of the official zero-shot evaluation prompt for each row of GSM8K test or MATH500."""
+    system = EVAL_TASKS[task][1]
+    return [chat_prompt(tokenizer, f"{system}\n\n{r['question']}", tokens=tokens, prefill="<reasoning>") for r in rows]
+
+
+def score_answer(completion, gold):
+    """(parsed answer, correct) with the training reward's extraction (last \\boxed{}, else <answer>) and
+    its checker (math-verify when installed)."""
+    answer = extract_answer(completion)
+    return answer, answers_match(answer, gold)

@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -32,9 +33,11 @@ pytest.importorskip("tokenizers")
 
 import maskgrpo  # noqa: E402
 from maskgrpo import GRPOConfig, MaskedDiffusionLM, ModelConfig, add_lora  # noqa: E402
+from scale import checkpoints as C  # noqa: E402
 from scale import distributed as D  # noqa: E402
 from scale import train as T  # noqa: E402
 from scale.checkpoints import read_hf_folder  # noqa: E402
+from scale.tiny import make_tiny_assets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -44,7 +47,7 @@ ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """The tiny preset's assets (tokenizer, data, text and t2i models, MAGVIT decoder), made once."""
-    return T.make_tiny_assets(tmp_path_factory.mktemp("tiny") / "tiny_assets")
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny") / "tiny_assets")
 
 
 # -----------------------------------------------------------------------------
@@ -97,11 +100,11 @@ def test_presets_validate_for_8_ranks_and_lora_r128_on_meta():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     # per layer: 3 x (128 x 4096 + 4096 x 128) + (128 x 4096 + 12288 x 128) = 5.24e6; x 32 layers
     assert trainable == 32 * (3 * 2 * 128 * 4096 + 128 * 4096 + 12288 * 128) == 167_772_160
-    peft = D.lora_adapter_state({k: v for k, v in model.state_dict().items()})
+    peft = C.lora_adapter_state({k: v for k, v in model.state_dict().items()})
     assert len(peft) == 32 * 4 * 2
     assert "base_model.model.model.transformer.blocks.31.up_proj.lora_B.weight" in peft
     assert peft["base_model.model.model.transformer.blocks.0.q_proj.lora_A.weight"].shape == (128, 4096)
-    config = D.peft_adapter_config(D.LoRASpec(128, 64))
+    config = C.peft_adapter_config(D.LoRASpec(128, 64))
     assert config["peft_type"] == "LORA" and config["r"] == 128 and config["lora_alpha"] == 64
     assert config["target_modules"] == ["q_proj", "k_proj", "v_proj", "up_proj"]
 
@@ -147,7 +150,7 @@ def grpo_step_params(model, reference, batch, rewards, loss_type):
                      num_iterations=2, micro_batch_size=2, beta=0.05, epsilon=0.2, max_grad_norm=0.5, loss_type=loss_type)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     stats = maskgrpo.grpo_step(model, optimizer, batch, rewards, cfg, torch.Generator().manual_seed(1), reference)
-    state = D.full_state_dict(model)
+    state = C.full_state_dict(model)
     return state, stats
 
 
@@ -257,7 +260,7 @@ def test_grpo_step_one_process_2B_rows_equals_two_processes_B_rows(fsdp_session,
     state, stats = grpo_step_params(policy, reference, batch, rewards, loss_type)
     assert stats["loss"] == pytest.approx(two["loss"], abs=1e-6)
     assert stats["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-5)
-    initial, moved = D.full_state_dict(reference), 0.0
+    initial, moved = C.full_state_dict(reference), 0.0
     for name, p in state.items():
         torch.testing.assert_close(two["state"][name], p, rtol=0, atol=1e-5, msg=name)
         moved = max(moved, float((p - initial[name]).abs().max()))
@@ -273,7 +276,7 @@ def _tiny_trainer(assets, init_seed=0):
     (what a checkpoint must overwrite), not the data order."""
     args = T.parse_args(["--preset", "tiny", "--out", "unused", "--precision", "fp32"])
     T.fill_tiny_paths(args, assets)
-    task = T.TextTask(args)
+    task = T.make_task(args, torch.device("cpu"))
     cfg, _, _ = read_hf_folder(args.model)
     d = D.Dist(0, 1, 0, torch.device("cpu"))
     policy = D.build_model(args.model, cfg, d, lora=T.lora_spec(args), precision="fp32", seed=init_seed)
@@ -283,7 +286,7 @@ def _tiny_trainer(assets, init_seed=0):
     T.seed_generators(generators, init_seed, 0, 0)
 
     def step(i):
-        idx = T.step_prompts(len(task.prompt_ids), i, 2, 0)
+        idx = T.step_prompts(len(task), i, 2, 0)
         batch = task.rollout(policy, idx, gcfg, generators["rollout"], d.device)
         rewards, _ = task.rewards(batch, idx, gcfg.num_generations)
         return maskgrpo.grpo_step(policy, optimizer, batch, rewards, gcfg, generators["masks"])
@@ -294,24 +297,56 @@ def _tiny_trainer(assets, init_seed=0):
 def test_checkpoint_round_trip_and_atomic_latest(assets, tmp_path):
     policy, optimizer, generators, step, d = _tiny_trainer(assets)
     step(0)
-    D.save_checkpoint(tmp_path, 1, policy, optimizer, generators, {"note": "x"}, d)
+    C.save_checkpoint(tmp_path, 1, policy, optimizer, generators, {"note": "x"}, d)
     stats = step(1)
     after = {k: v.clone() for k, v in policy.state_dict().items()}
     # an interrupted save of step 2: a half-written folder, `latest` untouched
     (tmp_path / "step_000002.tmp").mkdir()
     (tmp_path / "step_000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
-    assert D.latest_checkpoint(tmp_path).name == "step_000001"
+    assert C.latest_checkpoint(tmp_path).name == "step_000001"
 
     policy2, optimizer2, generators2, step2, _ = _tiny_trainer(assets, init_seed=1)  # other init and RNG streams
-    state, rng_ok = D.load_checkpoint(D.latest_checkpoint(tmp_path), policy2, optimizer2, generators2, d)
+    state, rng_ok = C.load_checkpoint(C.latest_checkpoint(tmp_path), policy2, optimizer2, generators2, d)
     assert state["step"] == 1 and state["note"] == "x" and rng_ok
     stats2 = step2(1)
     assert stats2 == stats
     for k, v in policy2.state_dict().items():
         assert torch.equal(v, after[k]), k
-    D.save_checkpoint(tmp_path, 2, policy2, optimizer2, generators2, {}, d, keep=1)
-    assert D.latest_checkpoint(tmp_path).name == "step_000002"
+    C.save_checkpoint(tmp_path, 2, policy2, optimizer2, generators2, {}, d, keep=1)
+    assert C.latest_checkpoint(tmp_path).name == "step_000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000002"]  # tmp replaced, step 1 pruned
+
+
+def test_leftovers_of_interrupted_saves_are_removed_by_the_next_save(assets, tmp_path):
+    policy, optimizer, generators, step, d = _tiny_trainer(assets)
+    step(0)
+    C.save_checkpoint(tmp_path, 1, policy, optimizer, generators, {}, d)
+    # what kills leave behind: a half-written step folder, a half-written pointer (this and an earlier version's
+    # name), and a full step folder moved aside to be replaced by a re-save of the same step
+    (tmp_path / "step_000002.tmp").mkdir()
+    (tmp_path / "step_000002.tmp" / "__0_0.distcp").write_bytes(b"partial")
+    (tmp_path / "latest.tmp").write_text("step_0000")
+    (tmp_path / "latest.tmp-4242").write_text("step_000")
+    shutil.copytree(tmp_path / "step_000001", tmp_path / "step_000001.old")
+    assert C.latest_checkpoint(tmp_path).name == "step_000001"  # leftovers are never taken for checkpoints
+    step(1)
+    C.save_checkpoint(tmp_path, 2, policy, optimizer, generators, {}, d, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001", "step_000002"]
+    assert (tmp_path / "latest").read_text() == "step_000002"
+
+
+def test_atomic_output_is_all_or_nothing(tmp_path):
+    target = tmp_path / "file.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), C.atomic_output(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json"]
+    folder = tmp_path / "folder"
+    for content in ("first", "second"):  # a folder replaces a folder (the old one moved aside, then deleted)
+        with C.atomic_output(folder, folder=True) as tmp:
+            (tmp / "x").write_text(content)
+    assert (folder / "x").read_text() == "second" and sorted(p.name for p in tmp_path.iterdir()) == ["file.json", "folder"]
 
 
 # -----------------------------------------------------------------------------
@@ -341,7 +376,7 @@ def check_run(log, out, steps=2):
         assert all(math.isfinite(r[k]) for k in METRICS), r
     done = [r for r in log if r.get("event") == "done"][-1]
     assert len(done["param_checksums"]) == 2 and done["param_checksums"][0] == done["param_checksums"][1]
-    latest = D.latest_checkpoint(out / "checkpoints")
+    latest = C.latest_checkpoint(out / "checkpoints")
     assert latest.name == f"step_{steps:06d}" and (latest / ".metadata").is_file()
     assert {p.name for p in latest.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     return records, done
@@ -386,63 +421,70 @@ def test_torchrun_t2i_fsdp_full_finetune_with_reference(assets, tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# Bad input: a clear error before any work
+# Bad input: one clear line before any work (tests/test_scale_cli_errors.py has the full table)
 
 
-def run_main(tmp_path, assets, *flags):
+def run_main(capsys, tmp_path, assets, *flags):
+    """scale/train.py's main on the tiny preset; returns its one stderr line (it must fail with status 2)."""
     out = tmp_path / "run"
     out.mkdir(exist_ok=True)
     if not (out / "tiny_assets").exists():
         shutil.copytree(assets, out / "tiny_assets")
-    return T.main(["--preset", "tiny", "--out", str(out), *flags])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        T.main(["--preset", "tiny", "--out", str(out), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    return err[0]
 
 
 def assert_no_work(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.jsonl").exists()
 
 
-def test_missing_checkpoint_folder(tmp_path, assets):
-    with pytest.raises(FileNotFoundError, match="--model: checkpoint folder not found"):
-        run_main(tmp_path, assets, "--model", str(tmp_path / "nowhere"))
+def test_missing_checkpoint_folder(tmp_path, assets, capsys):
+    assert "--model: checkpoint folder not found" in run_main(capsys, tmp_path, assets, "--model", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="--preset llada-8b needs --model"):
-        T.main(["--preset", "llada-8b", "--out", str(tmp_path / "run"), "--data", "x"])
+        T.check_args(T.parse_args(["--preset", "llada-8b", "--out", str(tmp_path / "run"), "--data", "x"]), world=1)
     assert_no_work(tmp_path)
 
 
-def test_mismatched_config(tmp_path, assets):
+def test_mismatched_config(tmp_path, assets, capsys):
     bad = tmp_path / "bad_model"
     shutil.copytree(assets / "model_text", bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps(config | {"mlp_hidden_size": 48}))
-    with pytest.raises(ValueError, match=r"has shape \(32, 64\) in .*the config implies \(32, 48\)"):
-        run_main(tmp_path, assets, "--model", str(bad))
-    with pytest.raises(ValueError, match="no room for image codes"):  # a text checkpoint for text-to-image
-        run_main(tmp_path, assets, "--task", "t2i", "--model", str(assets / "model_text"))
+    line = run_main(capsys, tmp_path, assets, "--model", str(bad))
+    assert re.search(r"has shape \(32, 64\) in .*the config implies \(32, 48\)", line), line
+    # a text checkpoint for text-to-image
+    line = run_main(capsys, tmp_path, assets, "--task", "t2i", "--model", str(assets / "model_text"))
+    assert "no room for image codes" in line
     assert_no_work(tmp_path)
 
 
-def test_group_size_and_batch_errors(tmp_path, assets):
-    with pytest.raises(ValueError, match="--num-generations=4 must divide --batch-size=6"):
-        run_main(tmp_path, assets, "--batch-size", "6")
+def test_group_size_and_batch_errors(tmp_path, assets, capsys):
+    assert "--num-generations=4 must divide --batch-size=6" in run_main(capsys, tmp_path, assets, "--batch-size", "6")
     args = T.parse_args(["--preset", "tiny", "--out", "o"])
     with pytest.raises(ValueError, match="do not split over 4 ranks"):
         T.check_args(args, world=4)
     with pytest.raises(ValueError, match="--parallel ddp needs --lora-rank > 0"):
         T.check_args(T.parse_args(["--preset", "tiny", "--out", "o", "--parallel", "ddp", "--lora-rank", "0"]), world=2)
-    with pytest.raises(ValueError, match="block_length=5 must divide"):
-        run_main(tmp_path, assets, "--block-length", "5")
+    hsdp = T.parse_args(["--preset", "tiny", "--out", "o", "--parallel", "hsdp", "--batch-size", "48"])
+    T.check_args(hsdp, world=4, per_node=2)  # 2 nodes x 2 processes
+    for world, per_node in ((2, 2), (6, 4)):  # one node; nodes of unequal size
+        with pytest.raises(ValueError, match="--parallel hsdp shards within a node and replicates across nodes"):
+            T.check_args(hsdp, world=world, per_node=per_node)
+    assert "block_length=5 must divide" in run_main(capsys, tmp_path, assets, "--block-length", "5")
     assert_no_work(tmp_path)
 
 
-def test_resume_from_a_checkpoint_of_another_configuration(tmp_path, assets):
+def test_resume_from_a_checkpoint_of_another_configuration(tmp_path, assets, capsys):
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "step_000001").mkdir(parents=True)
     (ckpt / "step_000001" / "trainer_state.json").write_text(json.dumps({"step": 1, "lora": None}))
     (ckpt / "latest").write_text("step_000001")
-    with pytest.raises(ValueError, match="was made with"):
-        run_main(tmp_path, assets, "--resume")
-    with pytest.raises(FileNotFoundError, match="not a checkpoint"):
-        run_main(tmp_path, assets, "--resume", str(tmp_path / "elsewhere"))
+    assert "was made with" in run_main(capsys, tmp_path, assets, "--resume")
+    assert "not a checkpoint" in run_main(capsys, tmp_path, assets, "--resume", str(tmp_path / "elsewhere"))
     assert not (tmp_path / "run" / "log.jsonl").exists()
 
 
@@ -455,9 +497,13 @@ def test_gpu_check_tiny_on_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setenv("OUT", str(tmp_path))
     summary = gpu_check.main(["--tiny"])
-    expected = {"build_model", "rollout_text", "score_logps", "update_lora_ac", "update_lora", "fwd_bwd_full_ac",
-                "fwd_bwd_full", "rollout_t2i"}
+    expected = {"build_model", "rollout_text", "rollout_text_prefix", "rollout_text_dual", "rollout_text_dual_threshold0.9",
+                "eval_text_greedy", "score_logps", "update_lora_ac", "update_lora", "fwd_bwd_full_ac", "fwd_bwd_full",
+                "rollout_t2i"}
     assert set(summary["results"]) == expected
     for name, r in summary["results"].items():
         assert "error" not in r and r["seconds"] >= 0, (name, r)
     assert json.loads((tmp_path / "gpu_check.json").read_text())["results"].keys() == expected
+    text = summary["results"]
+    assert all(text[k]["forwards"] == 4 for k in ("rollout_text", "rollout_text_prefix", "rollout_text_dual"))
+    assert 1 <= text["rollout_text_dual_threshold0.9"]["forwards"] <= 4  # threshold: steps is an upper bound

@@ -18,26 +18,22 @@ from scale.checkpoints import (  # noqa: E402
     SINGLE_NAME,
     expected_shapes,
     hf_config_from_model_config,
-    load_hf_state_dict,
     model_config_from_hf,
     read_hf_folder,
     save_hf_folder,
 )
 from scale.image import (  # noqa: E402
-    AttnBlock,
-    MagvitConfig,
-    MagvitDecoder,
     MMaDATokens,
     RewardAdapter,
     StubImageReward,
     codes_to_ids,
     ids_to_codes,
     image_positions,
-    load_magvit_decoder,
     t2i_batch,
     t2i_prompt,
     t2i_uncond_prompt,
 )
+from scale.magvit import AttnBlock, MagvitConfig, MagvitDecoder, load_magvit_decoder  # noqa: E402
 from scale.text import (  # noqa: E402
     LLADA_TOKEN_STRINGS,
     ChatTokens,
@@ -57,6 +53,36 @@ from scale.text import (  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # HF checkpoint folders
+
+# config fields that change parameter shapes or numerics; must agree between folder and model
+COMPARED_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden_size", "rope_theta", "rms_norm_eps")
+
+
+@torch.no_grad()
+def load_hf_state_dict(model, folder, *, dtype=None):
+    """The obvious loader the folders are checked against: validate with read_hf_folder, then copy every
+    tensor of every shard into the (plain, materialised) model. scale/ itself loads with DCP
+    (checkpoints.load_hf_weights), straight into FSDP2 shards; a test below holds the two equal."""
+    from safetensors import safe_open
+
+    cfg, shards, weight_map = read_hf_folder(folder, mask_token_id=model.config.mask_token_id,
+                                             eos_token_id=model.config.eos_token_id)
+    for name in COMPARED_FIELDS:
+        if getattr(cfg, name) != getattr(model.config, name):
+            raise ValueError(f"config.json gives {name}={getattr(cfg, name)} but the model has "
+                             f"{name}={getattr(model.config, name)}")
+    targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".lora_" not in k}
+    assert set(targets) == set(weight_map)
+    if any(t.is_meta for t in targets.values()):
+        raise ValueError("parameters on the meta device: call model.to_empty(device=...) first")
+    if dtype is not None:
+        model.to(dtype)
+        targets = {k: v for k, v in model.state_dict(keep_vars=True).items() if ".lora_" not in k}
+    for shard in shards:
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for key in (k for k, s in weight_map.items() if s == shard.name):
+                targets[key].copy_(f.get_tensor(key))
+    return model
 
 
 def tiny_config(**overrides):
@@ -147,6 +173,20 @@ def test_sharded_bf16_folder_loads_back_bit_exactly(tmp_path):
     bf16 = load_hf_state_dict(MaskedDiffusionLM(model.config), folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
     assert all(torch.equal(p.float(), q) for p, q in zip(bf16.parameters(), expected.parameters(), strict=True))
+
+
+def test_dcp_loader_equals_the_reference_loader(tmp_path):
+    from scale.checkpoints import load_hf_weights
+
+    model = tiny_model()
+    folder = save_hf_folder(model, tmp_path / "ckpt", config_json=model.config, shards=3)
+    with torch.device("meta"):
+        dcp_loaded = MaskedDiffusionLM(model.config)
+    dcp_loaded.to_empty(device="cpu")
+    load_hf_weights(dcp_loaded, folder)
+    reference = load_hf_state_dict(tiny_model(seed=5), folder)
+    for (name, a), b in zip(dcp_loaded.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_single_file_folder(tmp_path):
@@ -246,7 +286,8 @@ def test_chat_prompt_matches_template(tokenizer, tmp_path):
     tok = load_tokenizer(tmp_path)  # the folder form
     tokens = ChatTokens.from_tokenizer(tok)
     question = "  How many clips did Natalia sell?\n"
-    # scale-facts.md: {bos}<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|> ... assistant header
+    # LLaDA-8B-Instruct's tokenizer_config.json chat_template: {bos}<|start_header_id|>{role}<|end_header_id|>\n\n
+    # {content}<|eot_id|> per message, then the assistant header
     expected = ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHow many clips did Natalia sell?<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert chat_template_text(question) == expected
@@ -288,7 +329,7 @@ def test_gsm8k_gold_and_local_file(tmp_path):
     data = load_gsm8k(path)
     assert [d["gold"] for d in data] == ["3", "12000"] and data[0]["question"] == "Q1?"
     path.write_text(json.dumps({"question": "no answer"}) + "\n")
-    with pytest.raises(ValueError, match="lacks field 'answer'"):
+    with pytest.raises(ValueError, match=r"gsm8k.jsonl, line 1: lacks text field\(s\) \['answer'\]"):
         load_gsm8k(path)
     with pytest.raises(ValueError, match="no '####' marker"):
         gsm8k_gold("just text")
