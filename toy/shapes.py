@@ -4,6 +4,7 @@
     python toy/shapes.py -h                       # every setting, its default and what it means
     python toy/shapes.py --grpo_steps=20 --run_name=short
     python toy/shapes.py --rollout_mode=maskgit --run_name=maskgit
+    python toy/shapes.py --reward=strict_scene --run_name=strict_scene   # extra objects cost reward
 
 A tiny MMaDA-shaped MaskedDiffusionLM learns to draw coloured shapes (toy/shapes_world.py) as 8x8 grids of
 FSQ codes (toy/fsq.py), then MaskGRPO improves it against a GenEval-like scorer, as MaskGRPO does for
@@ -15,14 +16,16 @@ MMaDA-8B on GenEval:
        classifier-free guidance works. 1500 steps leave the model at held-out overall ~0.2 (cached).
     3. MaskGRPO (maskgrpo.grpo_step): G images per prompt from the emerge sampler (12 cosine steps,
        CFG), Rev = uniform random re-masking at the rising ratios r_j = gamma + (1 - gamma)(j + 1)/mu,
-       gamma = 0.8; reward = the graded scorer (fraction of the prompt's checks an image passes); no KL
+       gamma = 0.8; reward = the graded scorer (fraction of the prompt's checks an image passes; with
+       --reward=strict_scene, times the share of the detected objects the prompt asked for); no KL
        term by default (beta = 0: on seed 0 it reached a higher train reward than beta = 0.01, and no
        reference model has to be scored).
     4. Evaluation: `eval_samples` images for each of the 21 held-out prompts with the rollout sampler and
        a fixed generator; "overall" = GenEval's overall score (mean over the six categories of the
        strict per-image accuracy) +- its standard error over the images; "score" = the mean graded
-       reward. 48 images per prompt: with 16 the standard error of one score is ~0.04, as large as the
-       differences the toy is meant to show.
+       reward; "extra" = the fraction of images with an object the prompt did not ask for (which the
+       GenEval-style checks, like GenEval's, never penalise). 48 images per prompt: with 16 the standard
+       error of one score is ~0.04, as large as the differences the toy is meant to show.
 
 One vocabulary, laid out like MMaDA's (text tokens, then special tokens, then image codes):
 
@@ -34,9 +37,11 @@ One vocabulary, laid out like MMaDA's (text tokens, then special tokens, then im
                            positions = slice(9, 73) is the image; padding is not attended
     unconditional (CFG):   the same with every prompt token <pad>
 
-Outputs in runs/shapes/<run_name>/: metrics.json, curves.png (held-out overall score, mean reward, KL
+Outputs in runs/shapes/<run_name>/: metrics.json, curves.png (held-out overall, graded score and extra-object
+fraction, mean reward, train accuracy and extra-object fraction, KL
 against step and wall time), grid_sft.png and grid_rl.png (rows = held-out prompts, columns = samples,
-same generator), ckpt.pt (model, optimiser, generator states, step, records; rerunning the same command
+same generator; each image titled with its graded score, and "+n" when it shows n objects not asked
+for), ckpt.pt (model, optimiser, generator states, step, records; rerunning the same command
 resumes it exactly). The tokenizer and the SFT model are cached in runs/shapes/fsq-<hash>.pt and
 runs/shapes/sft-<hash>.pt.
 
