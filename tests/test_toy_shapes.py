@@ -122,16 +122,22 @@ def test_group_diversity_counts_distinct_scenes_and_within_group_std():
 
 def test_rewards_and_extra_object_stats_on_hand_built_scenes():
     """Three images for "a triangle": clean, the same triangle beside three other shapes (the GenEval-style
-    reward hack), and a square only. The graded reward pays the hack in full; strict_scene pays 1/4 of it."""
-    triangle = [("triangle", "red", 0, 0)]
+    reward hack), and a square only; two for "a circle and a square": clean, and with a red circle too.
+    The graded reward pays the hack in full; strict_scene pays 1/4 of it. Stats average over categories."""
+    triangle, pair = [("triangle", "red", 0, 0)], [("circle", "blue", 0, 0), ("square", "blue", 16, 16)]
     images = torch.cat([draw(triangle), draw(triangle + [("square", "blue", 16, 0), ("circle", "green", 0, 16),
-                                                         ("square", "yellow", 16, 16)]), draw([("square", "red", 0, 0)])])
-    scored = sw.score_images(images, [sw.parse_prompt("a triangle")] * 3)
-    assert shapes.reward(scored, "graded").tolist() == [1.0, 1.0, 0.0]
-    assert shapes.reward(scored, "strict_scene").tolist() == [1.0, 0.25, 0.0]
+                                                         ("square", "yellow", 16, 16)]), draw([("square", "red", 0, 0)]),
+                        draw(pair), draw(pair + [("circle", "red", 16, 0)])])
+    specs = [sw.parse_prompt("a triangle")] * 3 + [sw.parse_prompt("a circle and a square")] * 2
+    scored = sw.score_images(images, specs)
+    assert shapes.reward(scored, "graded").tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert shapes.reward(scored, "strict_scene").tolist() == pytest.approx([1.0, 0.25, 0.0, 1.0, 2 / 3])
     stats = shapes.extra_stats(scored)
-    assert stats["extra_frac"] == pytest.approx(2 / 3) and stats["clean"] == pytest.approx(1 / 3)
-    assert stats["extra_frac_se"] == pytest.approx(math.sqrt(2 / 9 / 3))
+    assert (stats["extra_single_object"], stats["extra_two_object"]) == pytest.approx((2 / 3, 1 / 2))
+    assert stats["extra_frac"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert stats["clean"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # sqrt(s^2_single / 3 + s^2_two / 2) / 2, unbiased s^2 of [0, 1, 1] and [0, 1]
+    assert stats["extra_frac_se"] == pytest.approx(math.sqrt((1 / 3) / 3 + (1 / 2) / 2) / 2)
     blank = sw.score_images(torch.zeros(1, 3, 32, 32), [sw.parse_prompt("a triangle")])
     assert shapes.reward(blank, "strict_scene").tolist() == [0.0]
 

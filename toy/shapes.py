@@ -343,12 +343,22 @@ def reward(scored, kind):
 
 
 def extra_stats(scored):
-    """extra_frac = fraction of images with an object the prompt did not ask for (+- its binomial standard
-    error); clean = fraction that pass every check and have no extra object."""
+    """Extra objects on held-out images, averaged over the GenEval categories as the overall score is:
+    extra_frac = mean over categories of the fraction of images with an object the prompt did not ask for,
+    +- its standard error (as sw.score_images's geneval_se); extra_<category> = that fraction per category;
+    clean = mean over categories of the fraction of images that pass every check and show nothing else
+    (the overall score with one more check)."""
     has_extra = (scored["extra"] > 0).double()
-    p, n = has_extra.mean().item(), len(has_extra)
-    return dict(extra_frac=p, extra_frac_se=math.sqrt(p * (1 - p) / n),
-                clean=(scored["strict"].double() * (1 - has_extra)).mean().item())
+    clean = scored["strict"].double() * (1 - has_extra)
+    rows = {c: [i for i, k in enumerate(scored["categories"]) if k == c] for c in sw.CATEGORIES}
+    rows = {c: r for c, r in rows.items() if r}
+    extra = {c: has_extra[r] for c, r in rows.items()}
+    # SE = sqrt(sum_c s_c^2 / n_c) / K over the K categories present
+    var = sum(x.var().item() / len(x) if len(x) > 1 else math.nan for x in extra.values())
+    return dict(extra_frac=sum(x.mean().item() for x in extra.values()) / len(extra),
+                extra_frac_se=math.sqrt(var) / len(extra),
+                clean=sum(clean[r].mean().item() for r in rows.values()) / len(rows)) | {
+                    f"extra_{c}": x.mean().item() for c, x in extra.items()}
 
 
 @torch.no_grad()
@@ -444,9 +454,8 @@ def grpo(cfg, policy, tokenizer, layout, run_dir, log=print):
     def held_out():
         stats = evaluate(policy, tokenizer, layout, cfg)
         record = dict(heldout_overall=stats["overall"], heldout_overall_se=stats["overall_se"],
-                      heldout_score=stats["score"], heldout_extra_frac=stats["extra_frac"],
-                      heldout_extra_frac_se=stats["extra_frac_se"], heldout_clean=stats["clean"]) | {
-                          f"heldout_{k}": v for k, v in stats.items() if k.startswith("acc_")}
+                      heldout_score=stats["score"]) | {
+                          f"heldout_{k}": v for k, v in stats.items() if k.startswith(("acc_", "extra_")) or k == "clean"}
         summary = (f"held-out overall {stats['overall']:.3f} +- {stats['overall_se']:.3f}, graded score {stats['score']:.3f}, "
                    f"images with extra objects {stats['extra_frac']:.3f}")
         return record, summary, []
