@@ -219,6 +219,16 @@ def test_the_configured_reward_is_the_rollout_reward(tmp_path, monkeypatch, kind
     assert (record["train_score"], record["train_extra_frac"]) == (1.0, 0.5)
 
 
+def test_tokenizer_initialisation_follows_the_data_seed(tmp_path, monkeypatch):
+    """Training skipped, so the cached tokenizer is its initialisation: the same for the same data_seed,
+    another for another (a full-pipeline seed changes the tokenizer, not only its data)."""
+    monkeypatch.setattr(shapes.fsq, "train_tokenizer", lambda *args, **kwargs: [])
+    weights = [shapes.load_or_train_tokenizer(tiny(tmp_path / name, data_seed=seed), log=lambda _: None)[0].state_dict()
+               for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
 def test_resume_refuses_other_settings(tmp_path):
     shapes.main(tiny(tmp_path, grpo_steps=1))
     with pytest.raises(ConfigError, match="other settings"):
