@@ -212,6 +212,54 @@ def test_scenes_name_each_objects_shape_colour_and_grid_cell():
     assert sw.scenes(torch.zeros(1, 3, 32, 32)) == [()]
 
 
+def draw(objects: list[tuple[str, str, int, int]], size: int = 8) -> torch.Tensor:
+    """(1, 3, 32, 32) image of hand-placed objects [(shape, colour, x0, y0), ...] (boxes of side `size`)."""
+    image = torch.zeros(1, 3, sw.IMAGE_SIZE, sw.IMAGE_SIZE)
+    for shape, colour, x0, y0 in objects:
+        mask = sw.shape_masks(torch.tensor([sw.SHAPES.index(shape)]), torch.tensor([x0]), torch.tensor([y0]),
+                              torch.tensor([size]))[0]
+        image[0] += torch.tensor(sw.PALETTE[colour]).view(3, 1, 1) * mask
+    return image
+
+
+@pytest.mark.parametrize(
+    ("prompt", "objects", "score", "extra"),
+    [
+        ("a triangle", [("triangle", "red", 0, 0)], 1.0, 0),
+        ("a triangle", [("triangle", "red", 0, 0), ("square", "blue", 16, 0), ("square", "green", 0, 16),
+                        ("circle", "yellow", 16, 16)], 1.0, 3),  # the reward hack: full marks, three extras
+        ("a red circle", [("circle", "red", 0, 0), ("square", "blue", 16, 0), ("square", "blue", 16, 16)], 1.0, 2),
+        ("a red circle", [("circle", "red", 0, 0), ("circle", "blue", 16, 16)], 1.0, 1),  # wrong colour = not asked for
+        ("two circles", [("circle", "red", 0, 0), ("circle", "red", 16, 0), ("circle", "green", 0, 16)], 0.5, 1),
+        ("two circles", [("circle", "red", 0, 0), ("circle", "green", 16, 16)], 1.0, 0),
+        ("a red circle and a blue square", [("circle", "red", 0, 0), ("square", "blue", 16, 0),
+                                            ("square", "red", 0, 16), ("square", "blue", 16, 16)], 1.0, 2),
+        ("a square on the left", [("square", "green", 0, 0), ("square", "green", 20, 20)], 0.5, 1),  # one square too many
+        ("a circle", [("circle", "red", 0, 0), ("square", "red", 16, 16)], 1.0, 1),
+        ("a circle", [], 0.0, 0),
+    ],
+)
+def test_extra_objects_count_what_the_prompt_did_not_ask_for(prompt, objects, score, extra):
+    result = sw.score_images(draw(objects), [sw.parse_prompt(prompt)])
+    assert result["score"][0].item() == pytest.approx(score)
+    assert result["extra"].tolist() == [extra]
+    assert result["objects"].tolist() == [len(objects)]
+
+
+def test_an_unknown_shape_is_an_extra_object():
+    image = draw([("circle", "red", 0, 0)])
+    image[0, 2, 20:24, 4:16] = 1.0  # a blue 12x4 bar: too elongated for any shape
+    result = sw.score_images(image, [sw.parse_prompt("a circle")])
+    assert (result["score"].item(), result["objects"].item(), result["extra"].item()) == (1.0, 2, 1)
+
+
+def test_ground_truth_renders_have_no_extra_objects():
+    specs = sw.sample_specs(300, gen(12), "train") + sw.sample_specs(300, gen(13), "heldout")
+    result = sw.score_images(sw.render(specs, gen(14)), specs)
+    assert result["extra"].max() == 0
+    assert result["objects"].tolist() == [sum(o.count for o in s.objects) for s in specs]
+
+
 def slow_components(classes: np.ndarray) -> list[set]:
     """Reference: breadth-first search over 8-neighbours of equal non-zero class; a set of pixel sets."""
     H, W = classes.shape

@@ -6,6 +6,7 @@ the core in tests/test_maskgrpo.py; here they are checked on the toy's own token
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -28,6 +29,15 @@ TINY = dict(fsq_steps=10, fsq_batch_size=8, fsq_images=32, fsq_width=8, sft_imag
 
 def tiny(tmp_path, **overrides):
     return shapes.Config(**TINY | dict(out_root=str(tmp_path)) | overrides)
+
+
+def draw(objects):
+    """(1, 3, 32, 32) image of hand-placed 8x8 objects [(shape, colour, x0, y0), ...]."""
+    image = torch.zeros(1, 3, 32, 32)
+    for shape, colour, x0, y0 in objects:
+        mask = sw.shape_masks(*(torch.tensor([v]) for v in (sw.SHAPES.index(shape), x0, y0, 8)))[0]
+        image[0] += torch.tensor(sw.PALETTE[colour]).view(3, 1, 1) * mask
+    return image
 
 
 def small_model(seed=0):
@@ -110,6 +120,28 @@ def test_group_diversity_counts_distinct_scenes_and_within_group_std():
     assert distinct == 1.5 and std == pytest.approx(0.5 * torch.tensor([0.0, 1.0]).std().item())
 
 
+def test_rewards_and_extra_object_stats_on_hand_built_scenes():
+    """Three images for "a triangle": clean, the same triangle beside three other shapes (the GenEval-style
+    reward hack), and a square only; two for "a circle and a square": clean, and with a red circle too.
+    The graded reward pays the hack in full; strict_scene pays 1/4 of it. Stats average over categories."""
+    triangle, pair = [("triangle", "red", 0, 0)], [("circle", "blue", 0, 0), ("square", "blue", 16, 16)]
+    images = torch.cat([draw(triangle), draw(triangle + [("square", "blue", 16, 0), ("circle", "green", 0, 16),
+                                                         ("square", "yellow", 16, 16)]), draw([("square", "red", 0, 0)]),
+                        draw(pair), draw(pair + [("circle", "red", 16, 0)])])
+    specs = [sw.parse_prompt("a triangle")] * 3 + [sw.parse_prompt("a circle and a square")] * 2
+    scored = sw.score_images(images, specs)
+    assert shapes.reward(scored, "graded").tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert shapes.reward(scored, "strict_scene").tolist() == pytest.approx([1.0, 0.25, 0.0, 1.0, 2 / 3])
+    stats = shapes.extra_stats(scored)
+    assert (stats["extra_single_object"], stats["extra_two_object"]) == pytest.approx((2 / 3, 1 / 2))
+    assert stats["extra_frac"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert stats["clean"] == pytest.approx((1 / 3 + 1 / 2) / 2)
+    # sqrt(s^2_single / 3 + s^2_two / 2) / 2, unbiased s^2 of [0, 1, 1] and [0, 1]
+    assert stats["extra_frac_se"] == pytest.approx(math.sqrt((1 / 3) / 3 + (1 / 2) / 2) / 2)
+    blank = sw.score_images(torch.zeros(1, 3, 32, 32), [sw.parse_prompt("a triangle")])
+    assert shapes.reward(blank, "strict_scene").tolist() == [0.0]
+
+
 # -----------------------------------------------------------------------------
 # RL on the toy layout
 
@@ -151,6 +183,10 @@ def test_main_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert metrics["summary"]["steps"] == 2 and "heldout_overall" in metrics["records"][0]
     assert {"distinct_per_group", "group_reward_std", "zero_std_frac", "reward_mean"} <= set(metrics["records"][1])
     assert summary["sft_overall"] == metrics["records"][0]["heldout_overall"]
+    assert summary["sft_extra_frac"] == metrics["records"][0]["heldout_extra_frac"]
+    assert 0 <= summary["final_extra_frac"] <= 1 and 0 <= summary["final_clean"] <= 1
+    train = [r for r in metrics["records"] if "reward_mean" in r]
+    assert all(r["reward_mean"] == pytest.approx(r["train_score"]) for r in train)  # graded: the reward is the score
 
     # interrupted after step 1, then the same command again (grpo_steps may grow): identical result
     shapes.main(tiny(tmp_path, run_name="split", grpo_steps=1))
@@ -164,6 +200,33 @@ def test_main_writes_outputs_and_resume_equals_uninterrupted(tmp_path):
     assert drop_time(a["records"]) == drop_time(b["records"])
     for name in a["generators"]:
         assert torch.equal(a["generators"][name], b["generators"][name])
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("graded", 1.0), ("strict_scene", 0.75)])
+def test_the_configured_reward_is_the_rollout_reward(tmp_path, monkeypatch, kind, expected):
+    """Every rollout image scored 1 with 2 objects, every second one of them not asked for: the graded
+    reward is 1, strict_scene's is 1 x 1/2 on half of the images."""
+    real = sw.score_images
+
+    def rigged(images, specs):
+        out, n = real(images, specs), len(specs)
+        return out | dict(score=torch.ones(n), objects=torch.full((n,), 2.0), extra=(torch.arange(n) % 2).float())
+
+    monkeypatch.setattr(sw, "score_images", rigged)
+    shapes.main(tiny(tmp_path, grpo_steps=1, reward=kind))
+    (record,) = [r for r in json.loads((tmp_path / "maskgrpo" / "metrics.json").read_text())["records"] if "reward_mean" in r]
+    assert record["reward_mean"] == pytest.approx(expected)
+    assert (record["train_score"], record["train_extra_frac"]) == (1.0, 0.5)
+
+
+def test_tokenizer_initialisation_follows_the_data_seed(tmp_path, monkeypatch):
+    """Training skipped, so the cached tokenizer is its initialisation: the same for the same data_seed,
+    another for another (a full-pipeline seed changes the tokenizer, not only its data)."""
+    monkeypatch.setattr(shapes.fsq, "train_tokenizer", lambda *args, **kwargs: [])
+    weights = [shapes.load_or_train_tokenizer(tiny(tmp_path / name, data_seed=seed), log=lambda _: None)[0].state_dict()
+               for name, seed in (("a", 0), ("b", 0), ("c", 1))]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
 def test_resume_refuses_other_settings(tmp_path):
@@ -180,4 +243,8 @@ def test_cli_parses_and_validates():
         parse_config(shapes.Config, ["--rollout_mode=greedy"])
     with pytest.raises(ConfigError, match="min_mask_rate"):
         parse_config(shapes.Config, ["--min_mask_rate=1.0"])
+    assert parse_config(shapes.Config, ["--reward=strict_scene"]).reward == "strict_scene"
+    assert shapes.Config().reward == "graded"
+    with pytest.raises(ConfigError, match="reward must be one of graded, strict_scene, got 'strict'"):
+        parse_config(shapes.Config, ["--reward=strict"])
     assert os.path.basename(shapes.__file__) == "shapes.py"

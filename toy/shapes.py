@@ -4,6 +4,7 @@
     python toy/shapes.py -h                       # every setting, its default and what it means
     python toy/shapes.py --grpo_steps=20 --run_name=short
     python toy/shapes.py --rollout_mode=maskgit --run_name=maskgit
+    python toy/shapes.py --reward=strict_scene --run_name=strict_scene   # extra objects cost reward
 
 A tiny MMaDA-shaped MaskedDiffusionLM learns to draw coloured shapes (toy/shapes_world.py) as 8x8 grids of
 FSQ codes (toy/fsq.py), then MaskGRPO improves it against a GenEval-like scorer, as MaskGRPO does for
@@ -15,14 +16,16 @@ MMaDA-8B on GenEval:
        classifier-free guidance works. 1500 steps leave the model at held-out overall ~0.2 (cached).
     3. MaskGRPO (maskgrpo.grpo_step): G images per prompt from the emerge sampler (12 cosine steps,
        CFG), Rev = uniform random re-masking at the rising ratios r_j = gamma + (1 - gamma)(j + 1)/mu,
-       gamma = 0.8; reward = the graded scorer (fraction of the prompt's checks an image passes); no KL
+       gamma = 0.8; reward = the graded scorer (fraction of the prompt's checks an image passes; with
+       --reward=strict_scene, times the share of the detected objects the prompt asked for); no KL
        term by default (beta = 0: on seed 0 it reached a higher train reward than beta = 0.01, and no
        reference model has to be scored).
     4. Evaluation: `eval_samples` images for each of the 21 held-out prompts with the rollout sampler and
        a fixed generator; "overall" = GenEval's overall score (mean over the six categories of the
        strict per-image accuracy) +- its standard error over the images; "score" = the mean graded
-       reward. 48 images per prompt: with 16 the standard error of one score is ~0.04, as large as the
-       differences the toy is meant to show.
+       reward; "extra" = the fraction of images with an object the prompt did not ask for (which the
+       GenEval-style checks, like GenEval's, never penalise). 48 images per prompt: with 16 the standard
+       error of one score is ~0.04, as large as the differences the toy is meant to show.
 
 One vocabulary, laid out like MMaDA's (text tokens, then special tokens, then image codes):
 
@@ -34,9 +37,11 @@ One vocabulary, laid out like MMaDA's (text tokens, then special tokens, then im
                            positions = slice(9, 73) is the image; padding is not attended
     unconditional (CFG):   the same with every prompt token <pad>
 
-Outputs in runs/shapes/<run_name>/: metrics.json, curves.png (held-out overall score, mean reward, KL
+Outputs in runs/shapes/<run_name>/: metrics.json, curves.png (held-out overall, graded score and extra-object
+fraction, mean reward, train accuracy and extra-object fraction, KL
 against step and wall time), grid_sft.png and grid_rl.png (rows = held-out prompts, columns = samples,
-same generator), ckpt.pt (model, optimiser, generator states, step, records; rerunning the same command
+same generator; each image titled with its graded score, and "+n" when it shows n objects not asked
+for), ckpt.pt (model, optimiser, generator states, step, records; rerunning the same command
 resumes it exactly). The tokenizer and the SFT model are cached in runs/shapes/fsq-<hash>.pt and
 runs/shapes/sft-<hash>.pt.
 
@@ -73,6 +78,8 @@ from toy.common import (
 
 # -----------------------------------------------------------------------------
 # Config
+
+REWARDS = ("graded", "strict_scene")  # see reward()
 
 
 @dataclass
@@ -112,6 +119,7 @@ class Config:
     num_iterations: int = 4  # mu, inner updates per rollout batch, one mask ratio each
     min_mask_rate: float = 0.8  # gamma, truncation of the rising mask-ratio schedule (images: 0.8)
     remasking: str = "random"  # Rev: "random" (uniform, images) or "arlike"
+    reward: str = "graded"  # "graded" (GenEval-style checks passed) or "strict_scene" (graded x share of objects asked for)
     epsilon: float = 0.2  # PPO clip range
     beta: float = 0.0  # k3 KL weight against the SFT model (0: no reference model, no KL term)
     learning_rate: float = 1e-4  # AdamW lr (constant)
@@ -147,6 +155,8 @@ class Config:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         if self.rollout_mode not in ("emerge", "maskgit"):
             raise ValueError(f"rollout_mode must be 'emerge' or 'maskgit', got {self.rollout_mode!r}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         self.levels()
@@ -222,7 +232,8 @@ FSQ_KEYS = ("fsq_levels", "fsq_width", "fsq_steps", "fsq_batch_size", "fsq_image
 def load_or_train_tokenizer(cfg, log=print):
     """The FSQ autoencoder from out_root/fsq-<hash>.pt, trained (and cached) on train-split renders when missing."""
     path, key = cache_path(cfg, "fsq", FSQ_KEYS)
-    model = fsq.FSQAutoencoder(cfg.levels(), cfg.fsq_width, generator=torch.Generator().manual_seed(0))
+    # initialisation seeded by data_seed too (data_seed 0 gives the initialisation cached by earlier versions)
+    model = fsq.FSQAutoencoder(cfg.levels(), cfg.fsq_width, generator=torch.Generator().manual_seed(cfg.data_seed))
 
     def train():
         gens = make_generators(cfg.data_seed, ["fsq_data", "fsq_batches"])
@@ -321,11 +332,40 @@ def image_completions(layout, x):
                                 scored=torch.ones((N, layout.image_tokens), dtype=torch.bool), columns=layout.columns)
 
 
+def reward(scored, kind):
+    """(B,) RL rewards from sw.score_images's result. "graded": the fraction of the prompt's checks an image
+    passes (GenEval-style: extra objects cost nothing). "strict_scene": the same times the share of the
+    detected objects the prompt asked for, so "a triangle" drawn beside three squares earns 1/4."""
+    if kind == "graded":
+        return scored["score"]
+    # r = score * (1 - extra / objects), objects >= 1 (an empty image scores 0 anyway)
+    return scored["score"] * (1 - scored["extra"] / scored["objects"].clamp(min=1))
+
+
+def extra_stats(scored):
+    """Extra objects on held-out images, averaged over the GenEval categories as the overall score is:
+    extra_frac = mean over categories of the fraction of images with an object the prompt did not ask for,
+    +- its standard error (as sw.score_images's geneval_se); extra_<category> = that fraction per category;
+    clean = mean over categories of the fraction of images that pass every check and show nothing else
+    (the overall score with one more check)."""
+    has_extra = (scored["extra"] > 0).double()
+    clean = scored["strict"].double() * (1 - has_extra)
+    rows = {c: [i for i, k in enumerate(scored["categories"]) if k == c] for c in sw.CATEGORIES}
+    rows = {c: r for c, r in rows.items() if r}
+    extra = {c: has_extra[r] for c, r in rows.items()}
+    # SE = sqrt(sum_c s_c^2 / n_c) / K over the K categories present
+    var = sum(x.var().item() / len(x) if len(x) > 1 else math.nan for x in extra.values())
+    return dict(extra_frac=sum(x.mean().item() for x in extra.values()) / len(extra),
+                extra_frac_se=math.sqrt(var) / len(extra),
+                clean=sum(clean[r].mean().item() for r in rows.values()) / len(rows)) | {
+                    f"extra_{c}": x.mean().item() for c, x in extra.items()}
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, layout, cfg, mode=None, batch_size=168):
     """eval_samples images for every held-out prompt, from a generator seeded eval_seed.
     Returns dict(overall = GenEval overall (strict), overall_se = its standard error over the images,
-    score = mean graded reward, strict = mean strict, per-category accuracy)."""
+    score = mean graded reward, strict = mean strict, extra_stats, per-category accuracy)."""
     specs = [s for s in sw.prompt_set("heldout") for _ in range(cfg.eval_samples)]
     g = torch.Generator().manual_seed(cfg.eval_seed)
     prompts = sw.encode_prompts(specs)
@@ -333,7 +373,8 @@ def evaluate(model, tokenizer, layout, cfg, mode=None, batch_size=168):
                         for p in prompts.split(batch_size)])
     result = sw.score_images(images, specs)
     return dict(overall=result["geneval"], overall_se=result["geneval_se"], score=result["score"].mean().item(),
-                strict=result["strict"].mean().item()) | {f"acc_{k}": v for k, v in result["category_accuracy"].items()}
+                strict=result["strict"].mean().item()) | extra_stats(result) | {
+                    f"acc_{k}": v for k, v in result["category_accuracy"].items()}
 
 
 def grid_specs(cfg):
@@ -354,7 +395,8 @@ def save_grid(model, tokenizer, layout, cfg, path, title):
     g = torch.Generator().manual_seed(cfg.eval_seed + 1)
     prompts = sw.encode_prompts([s for s in specs for _ in range(cfg.grid_samples)])
     images = decode_images(tokenizer, layout, sample(model, layout, prompts, cfg, g))
-    scores = sw.score_images(images, [s for s in specs for _ in range(cfg.grid_samples)])["score"]
+    scored = sw.score_images(images, [s for s in specs for _ in range(cfg.grid_samples)])
+    scores, extra = scored["score"], scored["extra"].long()
     rows, cols = len(specs), cfg.grid_samples
     fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 2.2, 1.15 * rows + 0.4), squeeze=False)
     for i in range(rows):
@@ -362,7 +404,8 @@ def save_grid(model, tokenizer, layout, cfg, path, title):
             ax = axes[i][j]
             ax.imshow(images[i * cols + j].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
-            ax.set_title(f"{scores[i * cols + j]:.2f}", fontsize=7, pad=2)
+            k = i * cols + j  # title: graded score, "+n" when n objects were not asked for
+            ax.set_title(f"{scores[k]:.2f}" + (f" +{extra[k]}" if extra[k] else ""), fontsize=7, pad=2)
             if j == 0:
                 ax.set_ylabel(sw.prompt_text(specs[i]).replace(" and ", "\nand "), fontsize=7, rotation=0,
                               ha="right", va="center")
@@ -401,16 +444,20 @@ def grpo(cfg, policy, tokenizer, layout, run_dir, log=print):
         # 2. reward: the graded scorer on the decoded images
         images = decode_images(tokenizer, layout, x)
         scored = sw.score_images(images, specs)
-        rewards = scored["score"]
+        rewards = reward(scored, cfg.reward)
         distinct, group_std = group_diversity(sw.scenes(images), rewards, g.num_generations)
-        record = dict(train_strict=scored["strict"].mean().item(), distinct_per_group=distinct, group_reward_std=group_std)
+        record = dict(train_strict=scored["strict"].mean().item(), train_score=scored["score"].mean().item(),
+                      train_extra_frac=(scored["extra"] > 0).float().mean().item(), distinct_per_group=distinct,
+                      group_reward_std=group_std)
         return image_completions(layout, x), rewards, record, dict(distinct=f"{distinct:.1f}")
 
     def held_out():
         stats = evaluate(policy, tokenizer, layout, cfg)
         record = dict(heldout_overall=stats["overall"], heldout_overall_se=stats["overall_se"],
-                      heldout_score=stats["score"]) | {f"heldout_{k}": v for k, v in stats.items() if k.startswith("acc_")}
-        summary = f"held-out overall {stats['overall']:.3f} +- {stats['overall_se']:.3f}, graded score {stats['score']:.3f}"
+                      heldout_score=stats["score"]) | {
+                          f"heldout_{k}": v for k, v in stats.items() if k.startswith(("acc_", "extra_")) or k == "clean"}
+        summary = (f"held-out overall {stats['overall']:.3f} +- {stats['overall_se']:.3f}, graded score {stats['score']:.3f}, "
+                   f"images with extra objects {stats['extra_frac']:.3f}")
         return record, summary, []
 
     return grpo_loop(cfg, policy, run_dir, RESUMABLE_CHANGES, rollout, held_out, "heldout_overall", log)
@@ -430,6 +477,9 @@ def summarize(records, setup_seconds):
                 sft_overall_se=evals[0].get("heldout_overall_se", math.nan),  # absent in runs of older versions
                 final_overall_se=evals[-1].get("heldout_overall_se", math.nan),
                 sft_score=evals[0]["heldout_score"], final_score=evals[-1]["heldout_score"],
+                sft_extra_frac=evals[0].get("heldout_extra_frac", math.nan),  # absent in runs of older versions
+                final_extra_frac=evals[-1].get("heldout_extra_frac", math.nan),
+                sft_clean=evals[0].get("heldout_clean", math.nan), final_clean=evals[-1].get("heldout_clean", math.nan),
                 first_reward=mean("reward_mean", train[: max(1, len(train) // 5)]), last_reward=mean("reward_mean", tail),
                 distinct_per_group=mean("distinct_per_group", train), group_reward_std=mean("group_reward_std", train),
                 zero_std_frac=mean("zero_std_frac", train), grpo_seconds=records[-1]["time"],
@@ -457,12 +507,14 @@ def main(cfg):
     summary = summarize(records, setup_seconds)
     write_json(dict(config=dataclasses.asdict(cfg), summary=summary, tokenizer=fsq_info, sft=sft_info, records=records),
                os.path.join(run_dir, "metrics.json"))
-    keys = ["heldout_overall", "heldout_score", "reward_mean", "train_strict"] + (["kl"] if cfg.beta > 0 else [])
+    keys = ["heldout_overall", "heldout_score", "heldout_extra_frac", "reward_mean", "train_strict", "train_extra_frac"]
+    keys += ["kl"] if cfg.beta > 0 else []
     plot_curves(records, os.path.join(run_dir, "curves.png"), keys,
                 title=f"shapes MaskGRPO ({cfg.run_name})")
     print(f"held-out overall (GenEval-style): SFT {summary['sft_overall']:.3f} +- {summary['sft_overall_se']:.3f} -> "
           f"GRPO {summary['final_overall']:.3f} +- {summary['final_overall_se']:.3f} ({summary['gain']:+.3f}); "
           f"graded score {summary['sft_score']:.3f} -> {summary['final_score']:.3f}; "
+          f"images with extra objects {summary['sft_extra_frac']:.3f} -> {summary['final_extra_frac']:.3f}; "
           f"{summary['steps']} steps; wall time setup {setup_seconds:.0f} s + GRPO {summary['grpo_seconds']:.0f} s; "
           f"outputs in {run_dir}")
     return summary

@@ -68,6 +68,9 @@ For every requested object:
 
 Per image: `score` = mean of the checks it requires (graded, for the RL reward); `strict` = 1 if all pass
 (GenEval's per-image correctness). Per category: mean strict accuracy; `geneval` = mean over categories.
+None of these checks that nothing else is drawn (nor does GenEval): "a triangle" drawn beside three
+squares scores 1. `extra` counts the objects the prompt did not ask for (extra_objects): objects matching
+none of its groups, including unknown shapes, plus a group's matches beyond its count.
 """
 
 from __future__ import annotations
@@ -562,6 +565,21 @@ def check_image(spec: PromptSpec, comps: Components, mask: np.ndarray) -> dict[s
     return out
 
 
+def extra_objects(spec: PromptSpec, comps: Components, mask: np.ndarray) -> int:
+    """How many of the objects comps[mask] of one image the prompt did not ask for: objects that match none
+    of its groups (another shape or colour, or an unknown shape), plus a group's matches beyond its count.
+    The groups of a prompt never match the same object (PromptSpec's rule), so nothing is counted twice."""
+    shape, colour = comps.shape[mask], comps.colour[mask]
+    asked, surplus = np.zeros(len(shape), dtype=bool), 0
+    for obj in spec.objects:
+        match = shape == SHAPES.index(obj.shape)
+        if obj.colour is not None:
+            match &= colour == COLOURS.index(obj.colour)
+        asked |= match
+        surplus += max(0, int(match.sum()) - obj.count)
+    return int((~asked).sum()) + surplus
+
+
 def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
     """GenEval-like scores of (B, 3, 32, 32) images against their prompts.
 
@@ -572,6 +590,8 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
                            kind pass, 0.0 if one fails, nan if the prompt requires none
         categories         list of B category names (PromptSpec.category)
         category_accuracy  {category: mean strict} for the categories present
+        objects            (B,) float: objects detected in the image
+        extra              (B,) float: those the prompt did not ask for (extra_objects; GenEval does not check this)
         geneval            mean of category_accuracy over the six GenEval categories present (nan if none)
         geneval_se         its standard error over the images (the prompts held fixed): sqrt(sum_c s_c^2 / n_c) / K,
                            s_c^2 = unbiased variance of strict within category c, n_c its images, K categories
@@ -583,7 +603,7 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
     B = len(specs)
     comps = find_objects(images.detach().float().cpu())
     starts = np.searchsorted(comps.image, np.arange(B + 1))  # comps.image is sorted
-    score, strict = torch.zeros(B), torch.zeros(B)
+    score, strict, extra = torch.zeros(B), torch.zeros(B), torch.zeros(B)
     checks = {c: torch.full((B,), float("nan")) for c in CHECKS}
     for i, spec in enumerate(specs):
         mask = np.zeros(len(comps.image), dtype=bool)
@@ -591,6 +611,7 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
         result = check_image(spec, comps, mask)
         flat = [ok for oks in result.values() for ok in oks]
         score[i], strict[i] = sum(flat) / len(flat), float(all(flat))
+        extra[i] = extra_objects(spec, comps, mask)
         for name, oks in result.items():
             if oks:
                 checks[name][i] = float(all(oks))
@@ -605,6 +626,8 @@ def score_images(images: torch.Tensor, specs: Sequence[PromptSpec]) -> dict:
         "score": score,
         "strict": strict,
         "checks": checks,
+        "objects": torch.from_numpy(np.diff(starts)).float(),
+        "extra": extra,
         "categories": categories,
         "category_accuracy": category_accuracy,
         "geneval": float(np.mean([category_accuracy[c] for c in geneval_cats])) if geneval_cats else float("nan"),
