@@ -286,7 +286,9 @@ def load_checkpoint(path, keys=(), remedy="delete it and run again"):
     or lacks one of `keys` raises RunError naming the file and what to do (`remedy`)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+    except PermissionError:
+        raise RunError(f"{path} cannot be read (permission denied); {remedy}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:  # which one: where it was cut
         raise RunError(f"{path} is truncated or damaged ({type(e).__name__}: {str(e)[:80]}); {remedy}") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
@@ -362,8 +364,8 @@ def acquire_lock(run_dir):
             continue  # released in between: try again
         except (ValueError, UnicodeDecodeError):
             held = {}  # a lock cut short by a kill while it was written
-        stale = not isinstance(held, dict) or (held.get("host") == me["host"] and isinstance(held.get("pid"), int)
-                                               and not _alive(held["pid"]))
+        stale = not held or not isinstance(held, dict) or (
+            held.get("host") == me["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]))
         if not stale:
             raise RunError(f"run folder {run_dir} is in use by another run (pid {held.get('pid')} on "
                            f"{held.get('host')}, since {held.get('started')}): wait for it to end, choose another "
