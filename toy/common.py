@@ -288,7 +288,7 @@ def load_checkpoint(path, keys=(), remedy="delete it and run again"):
         state = torch.load(path, map_location="cpu", weights_only=True)
     except PermissionError:
         raise RunError(f"{path} cannot be read (permission denied); {remedy}") from None
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:  # which one: where it was cut
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:  # the type depends on the cut
         raise RunError(f"{path} is truncated or damaged ({type(e).__name__}: {str(e)[:80]}); {remedy}") from None
     missing = [k for k in keys if not isinstance(state, dict) or k not in state]
     if missing:
