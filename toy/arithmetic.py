@@ -46,7 +46,10 @@ Reward of a completion (its text up to the first EOS):
 
 Outputs in runs/arithmetic/<run_name>/: metrics.json, curves.png (held-out accuracy and mean reward
 against step and wall time), ckpt.pt (model, optimiser, generator states, step, metrics; rerunning the
-same command resumes it exactly). The SFT model is cached in runs/arithmetic/sft-<hash>.pt.
+same command resumes it exactly, with the folder given by a relative or an absolute path), and .lock
+while a run uses the folder (a second run on it is refused). The SFT model is cached in
+runs/arithmetic/sft-<hash>.pt. Bad settings, a damaged checkpoint or cache, an unusable output folder
+are one line on stderr before any training (toy/common.py, "Bad-input policy").
 """
 
 import dataclasses
@@ -60,6 +63,8 @@ from tqdm import tqdm
 
 import maskgrpo
 from toy.common import (
+    check_finite,
+    claim_run,
     config_hash,
     grpo_loop,
     load_or_train,
@@ -74,6 +79,9 @@ from toy.common import (
 
 # -----------------------------------------------------------------------------
 # Config
+
+MAX_SEQUENCE_LENGTH = 256  # the model's longest input (prompt + completion canvas)
+MAX_PROBLEMS = 10**6  # the toy lists every problem of the task
 
 
 @dataclass
@@ -135,6 +143,8 @@ class Config:
     progress: bool = True  # tqdm bars
 
     def __post_init__(self):
+        """Every check of the settings, single and cross-field, before any work starts."""
+        check_finite(self)
         for name in ("num_terms", "max_operand", "heldout_size", "sft_batch_size", "prompts_per_step",
                      "eval_every", "ckpt_every", "threads", "d_model"):
             if getattr(self, name) < (2 if name == "num_terms" else 1):
@@ -144,15 +154,31 @@ class Config:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.answer_slip <= 1:
             raise ValueError(f"answer_slip must be in [0, 1], got {self.answer_slip}")
-        if self.heldout_size >= (self.max_operand + 1) ** self.num_terms:
-            raise ValueError(f"heldout_size={self.heldout_size} leaves no train problems "
-                             f"(there are {(self.max_operand + 1) ** self.num_terms})")
+        if self.sft_learning_rate <= 0:
+            raise ValueError(f"sft_learning_rate must be > 0, got {self.sft_learning_rate}")
+        problems = (self.max_operand + 1) ** self.num_terms
+        if problems > MAX_PROBLEMS:
+            raise ValueError(f"num_terms={self.num_terms} and max_operand={self.max_operand} make {problems} problems; "
+                             f"the toy lists them all, at most {MAX_PROBLEMS}")
+        if self.heldout_size >= problems:
+            raise ValueError(f"heldout_size={self.heldout_size} leaves no train problems (there are {problems})")
         longest = len(write_trace([self.max_operand] * self.num_terms)) + 1  # + at least one EOS
         if self.max_completion_length < longest:
             raise ValueError(f"max_completion_length={self.max_completion_length} is shorter than the longest "
                              f"trace plus EOS ({longest})")
+        prompt_length = len(prompt_text([self.max_operand] * self.num_terms))
+        if prompt_length + self.max_completion_length > MAX_SEQUENCE_LENGTH:
+            raise ValueError(f"prompt ({prompt_length}) + max_completion_length ({self.max_completion_length}) exceeds "
+                             f"the model's max_sequence_length ({MAX_SEQUENCE_LENGTH})")
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {self.device!r}") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} but torch finds no CUDA device")
         subconfig(maskgrpo.GRPOConfig, self)  # validates the GRPO fields
-        maskgrpo.ModelConfig.tiny(VOCAB.size, VOCAB.mask_id, VOCAB.eos_id, **self.model_sizes())
+        maskgrpo.ModelConfig.tiny(VOCAB.size, VOCAB.mask_id, VOCAB.eos_id, **self.model_sizes(),
+                                  max_sequence_length=MAX_SEQUENCE_LENGTH)
 
     def model_sizes(self):
         return dict(d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads, mlp_hidden_size=self.mlp_hidden_size,
@@ -270,7 +296,8 @@ def slipped(texts, terms, num_terms):
 
 
 def build_model(cfg, generator, vocab=VOCAB):
-    mc = maskgrpo.ModelConfig.tiny(vocab.size, vocab.mask_id, vocab.eos_id, **cfg.model_sizes(), max_sequence_length=256)
+    mc = maskgrpo.ModelConfig.tiny(vocab.size, vocab.mask_id, vocab.eos_id, **cfg.model_sizes(),
+                                   max_sequence_length=MAX_SEQUENCE_LENGTH)
     return maskgrpo.MaskedDiffusionLM(mc, generator=generator).to(cfg.device)  # initialised on the CPU
 
 
@@ -376,8 +403,7 @@ def grpo(cfg, policy, train, heldout, run_dir, log=print):
 
     def held_out():
         stats, mistakes = evaluate(policy, heldout, cfg)
-        record = dict(heldout_acc=stats["acc"], heldout_reward=stats["reward"], heldout_slip=stats["slip"],
-                      load1=os.getloadavg()[0])
+        record = dict(heldout_acc=stats["acc"], heldout_reward=stats["reward"], heldout_slip=stats["slip"])
         summary = (f"held-out exact match {stats['acc']:.1%}, slipped answers {stats['slip']:.1%}, "
                    f"mean reward {stats['reward']:.3f}")
         return record, summary, [f"  model says {p} -> {said}, truth {truth}" for p, said, truth in mistakes[: cfg.show_mistakes]]
@@ -400,20 +426,21 @@ def summarize(records, sft_info):
 
 
 def main(cfg):
-    threads = set_threads(cfg.threads)
     run_dir = os.path.join(cfg.out_root, cfg.run_name)
-    train, heldout = make_data(cfg)
-    print(f"{len(train.answers)} train / {len(heldout.answers)} held-out problems, e.g. "
-          f"{prompt_text(train.terms[0])} -> {write_trace(train.terms[0])}; {threads} threads")
-    policy, sft_info = load_or_train_sft(cfg, train)
-    print(f"model: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters")
-    records = grpo(cfg, policy, train, heldout, run_dir, log=tqdm.write)
-    summary = summarize(records, sft_info)
-    write_json(dict(config=dataclasses.asdict(cfg), summary=summary, sft=dict(seconds=sft_info["seconds"],
-               cached=sft_info["cached"], path=sft_info["path"], losses=sft_info["losses"]), records=records),
-               os.path.join(run_dir, "metrics.json"))
-    plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_acc", "heldout_slip", "reward_mean", "kl"],
-                title=f"arithmetic MaskGRPO ({cfg.run_name})")
+    with claim_run(cfg, run_dir, RESUMABLE_CHANGES):  # output folders, the run's lock, its checkpoint: before any work
+        threads = set_threads(cfg.threads)
+        train, heldout = make_data(cfg)
+        print(f"{len(train.answers)} train / {len(heldout.answers)} held-out problems, e.g. "
+              f"{prompt_text(train.terms[0])} -> {write_trace(train.terms[0])}; {threads} threads")
+        policy, sft_info = load_or_train_sft(cfg, train)
+        print(f"model: {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters")
+        records = grpo(cfg, policy, train, heldout, run_dir, log=tqdm.write)
+        summary = summarize(records, sft_info)
+        write_json(dict(config=dataclasses.asdict(cfg), summary=summary, sft=dict(seconds=sft_info["seconds"],
+                   cached=sft_info["cached"], path=sft_info["path"], losses=sft_info["losses"]), records=records),
+                   os.path.join(run_dir, "metrics.json"))
+        plot_curves(records, os.path.join(run_dir, "curves.png"), ["heldout_acc", "heldout_slip", "reward_mean", "kl"],
+                    title=f"arithmetic MaskGRPO ({cfg.run_name})")
     print(f"held-out exact match: SFT {summary['sft_acc']:.1%} -> GRPO {summary['final_acc']:.1%} "
           f"({summary['gain'] * 100:+.1f} points) in {summary['steps']} steps; wall time SFT {summary['sft_seconds']:.0f} s"
           f"{' (cached)' if summary['sft_cached'] else ''} + GRPO {summary['grpo_seconds']:.0f} s; outputs in {run_dir}")

@@ -3,24 +3,39 @@
 Generic over the task: toy/arithmetic.py (text) and toy/shapes.py (text-to-image) both use it.
 
     parse_config(Config, argv)       --key=value overrides of a dataclass, -h lists every field
+    run_cli(main, Config)            parse, then main(config); an expected error is ONE line on stderr
+    claim_run(cfg, run_dir, ...)     before any work: usable output folders, the run folder's lock, a
+                                     readable checkpoint written with the same settings
     make_generators(seed, names)     one explicit torch.Generator per source of randomness
-    save_checkpoint / load_checkpoint  atomic torch.save (temp file in the same folder, then os.replace)
+    atomic_write                     the one writer of files: temp file beside the target, then os.replace
+    save_checkpoint / load_checkpoint  torch.save through atomic_write / torch.load naming a damaged file
     Clock                            wall time that survives a resume
     train_elbo, grpo_loop            the SFT loop and the MaskGRPO loop both toys run
     write_json, plot_curves          metrics.json and a PNG of metrics against step and wall time
+
+Bad-input policy. An expected error is a ConfigError (a bad flag or value, a setting that does not fit,
+a checkpoint written with other settings) or a RunError (an output folder that is a file or not
+writable, a run folder in use, a damaged checkpoint or cache, a full disk); its message names the field
+or the file and what to do, and run_cli prints it as one line and exits with status 1, before any
+training where the input allows it. Any other exception is a bug and keeps its traceback.
 """
 
+import contextlib
 import copy
 import dataclasses
+import errno
 import hashlib
 import inspect
 import json
 import math
 import os
+import pickle
 import re
+import secrets
+import socket
 import sys
-import tempfile
 import time
+import types
 import typing
 
 import torch
@@ -34,6 +49,20 @@ import maskgrpo
 
 class ConfigError(ValueError):
     """Bad command-line input: an unknown key, a value of the wrong type, or a value the config rejects."""
+
+
+class RunError(RuntimeError):
+    """An expected failure the user can fix: an output folder that is a file or not writable, a run folder
+    in use, a damaged checkpoint or cache, a full disk. The message names the file and what to do."""
+
+
+def check_finite(config):
+    """Every float field of a config dataclass is finite: a NaN or inf setting is refused by name here,
+    rather than surfacing (if at all) as NaN weights many steps later."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{f.name} must be a finite number, got {value}")
 
 
 def field_comments(cls):
@@ -57,14 +86,33 @@ def field_comments(cls):
 
 
 def _parse_value(text, kind, default):
-    """Convert one command-line string to the field's type; ValueError when it does not fit."""
+    """Convert one command-line string to the field's type; ValueError when it does not fit. Floats must be
+    finite; an optional field (`float | None`) takes `none`."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if len(options) != 1:
+            raise ValueError(f"fields of type {kind} cannot be set from the command line")
+        if type(None) in typing.get_args(kind) and text.lower() == "none":
+            return None
+        try:
+            return _parse_value(text, options[0], default)
+        except ValueError as e:
+            raise ValueError(f"{e} or none") from None
+    if kind is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("expected float") from None
+        if not math.isfinite(value):
+            raise ValueError("expected a finite float (NaN and inf are refused)")
+        return value
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
             return True
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise ValueError("expected a bool (true/false)")
-    if kind in (int, float, str):
+    if kind in (int, str):
         try:
             return kind(text)
         except ValueError:
@@ -119,14 +167,14 @@ def parse_config(cls, argv, prog="script", doc=""):
 
 
 def run_cli(main, cls, argv=None, prog=None, doc=""):
-    """Parse argv into `cls` and call main(config); bad input ends the process with a one-line error."""
+    """Parse argv into `cls` and call main(config). An expected error (ConfigError, RunError), from parsing
+    or from main, ends the process with ONE line on stderr and exit status 1; any other keeps its traceback."""
     argv = sys.argv[1:] if argv is None else argv
     prog = prog or os.path.basename(sys.argv[0])
     try:
-        cfg = parse_config(cls, argv, prog, doc)
-    except ConfigError as e:
-        raise SystemExit(f"{prog}: error: {e}") from None
-    return main(cfg)
+        return main(parse_config(cls, argv, prog, doc))
+    except (ConfigError, RunError) as e:
+        raise SystemExit(f"{prog}: error: {' '.join(str(e).split())}") from None
 
 
 def subconfig(cls, cfg, **overrides):
@@ -167,26 +215,198 @@ def restore_generators(generators, states):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints, metrics, clock
+# Files: one atomic writer, checkpoints that name a damaged file
 
 
-def save_checkpoint(obj, path):
-    """torch.save, atomically: a crash mid-write leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+def _alive(pid):
+    """True while process `pid` exists on this machine (a zombie counts; someone else's process too)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _disk_full(e):
+    """True if `e`, or an exception it wraps (torch.save reports a failed write as a RuntimeError whose
+    context is the OSError), is running out of space."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale_temps(folder, name):
+    """Delete the temp files `.<name>.tmp-<pid>-*` that saves of `name` left in `folder` when their process
+    was killed mid-write. A temp of a live process (a concurrent save) is kept. Returns the removed paths."""
+    removed = []
+    for entry in os.listdir(folder):
+        m = re.fullmatch(re.escape(f".{name}.tmp-") + r"(\d+)-\w+", entry)
+        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, entry))
+                removed.append(os.path.join(folder, entry))
+    return removed
+
+
+def atomic_write(path, write, mode="wb"):
+    """The toys' one writer of files: write(f) fills a temp file beside `path` (named after it and this
+    process), which then replaces `path` (os.replace), so a kill mid-write leaves the previous file intact.
+    Temps of earlier interrupted saves of `path` are removed first, this save's own temp when it fails.
+    Running out of space raises RunError naming `path`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        remove_stale_temps(folder, name)
+        with open(tmp, mode) as f:
+            write(f)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if _disk_full(e):
+            raise RunError(f"no space left on device while writing {path}: free some space, then rerun the same "
+                           "command (the previous version of the file is intact)") from None
         raise
 
 
-def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+def save_checkpoint(obj, path):
+    """torch.save through atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
+
+def load_checkpoint(path, keys=(), remedy="delete it and run again"):
+    """torch.load of a file written by save_checkpoint. A file that is truncated, damaged, not a checkpoint,
+    or lacks one of `keys` raises RunError naming the file and what to do (`remedy`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise RunError(f"{path} cannot be read (permission denied); {remedy}") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, OSError, pickle.UnpicklingError) as e:  # the type depends on the cut
+        raise RunError(f"{path} is truncated or damaged ({type(e).__name__}: {str(e)[:80]}); {remedy}") from None
+    missing = [k for k in keys if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise RunError(f"{path} is not a checkpoint of this toy (no {', '.join(missing)}); {remedy}")
+    return state
+
+
+def write_json(obj, path):
+    """json.dump through atomic_write."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
+
+
+def plot_curves(records, path, keys, title=""):
+    """One row per metric key, plotted against `step` (left) and `time` in seconds (right), on a Figure of
+    its own (no pyplot state, no backend switch). records: a list of dicts; a record without a key is
+    skipped for that key (eval vs train rows)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 2.6 * len(keys)))
+    axes = fig.subplots(len(keys), 2, squeeze=False)
+    for row, key in enumerate(keys):
+        rows = [r for r in records if key in r]
+        for col, x in enumerate(("step", "time")):
+            ax = axes[row][col]
+            ax.plot([r[x] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3)
+            ax.set_xlabel("GRPO step" if x == "step" else "wall time (s)")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+
+
+# -----------------------------------------------------------------------------
+# The run folder: checked before any work, locked while a run uses it
+
+LOCK_NAME = ".lock"
+RUN_KEYS = ("config", "model", "optimizer", "generators", "records", "step")  # what save_run writes
+LOCATION = ("out_root", "run_name")  # where a run lives, not how it trains: a resume may name it differently
+
+
+def check_folder(path, flag):
+    """`path` is a folder this process can write (created when absent); RunError naming `flag` otherwise."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RunError(f"{flag}: {path} is a file, not a folder; choose another {flag}")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise RunError(f"{flag}: cannot create {path}, a part of the path is a file; choose another {flag}") from None
+    except PermissionError:
+        raise RunError(f"{flag}: cannot create {path} (permission denied); choose another {flag}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RunError(f"{flag}: {path} is not writable; choose another {flag}")
+
+
+def acquire_lock(run_dir):
+    """Create run_dir/.lock holding this process's pid and host, or raise RunError naming the run that holds
+    it. A lock whose process is gone on this host (killed, crashed) is stale: it is taken over."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    me = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    while True:
+        try:
+            with open(path, "x") as f:  # O_CREAT | O_EXCL: one winner
+                json.dump(me, f)
+            return path
+        except FileExistsError:
+            pass
+        try:
+            with open(path) as f:
+                held = json.load(f)
+        except FileNotFoundError:
+            continue  # released in between: try again
+        except (ValueError, UnicodeDecodeError):
+            held = {}  # a lock cut short by a kill while it was written
+        stale = not held or not isinstance(held, dict) or (
+            held.get("host") == me["host"] and isinstance(held.get("pid"), int) and not _alive(held["pid"]))
+        if not stale:
+            raise RunError(f"run folder {run_dir} is in use by another run (pid {held.get('pid')} on "
+                           f"{held.get('host')}, since {held.get('started')}): wait for it to end, choose another "
+                           f"--run_name, or delete {path} if that run is gone")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # stale: remove it and race for a fresh one
+
+
+def release_lock(path):
+    """Remove the lock if this process still holds it."""
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+        with open(path) as f:
+            held = json.load(f)
+        if held.get("pid") == os.getpid():
+            os.unlink(path)
+
+
+@contextlib.contextmanager
+def claim_run(cfg, run_dir, resumable):
+    """Everything a run needs that can be checked before any work (tokenizer or SFT training), held for the
+    block: cfg.out_root and run_dir are writable folders, run_dir/.lock is ours, and when resuming, the
+    checkpoint run_dir/ckpt.pt is readable and was written with the same settings (read_run)."""
+    try:
+        check_folder(cfg.out_root, "--out_root")
+        check_folder(run_dir, "--run_name")
+        lock = acquire_lock(run_dir)
+    except OSError as e:
+        if _disk_full(e):
+            raise RunError(f"no space left on device in {run_dir}: free some space, then rerun the same command") from None
+        raise
+    try:
+        ckpt_path = os.path.join(run_dir, "ckpt.pt")
+        if cfg.resume and os.path.exists(ckpt_path):
+            read_run(ckpt_path, cfg, resumable)
+        yield
+    finally:
+        release_lock(lock)
+
+
+# -----------------------------------------------------------------------------
+# Training loops, run state, clock
 
 def train_elbo(model, batch_loss, *, steps, learning_rate, warmup, progress=True):
     """The toys' SFT loop: AdamW (0.9, 0.99), lr warmed up linearly then cosine-decayed to 10% of the peak,
@@ -215,28 +435,27 @@ def save_run(path, cfg, model, optimizer, generators, records, step):
                          generators=generator_states(generators), records=records, step=step), path)
 
 
-def resume_run(path, cfg, resumable, model, optimizer, generators):
-    """Restore a run saved by save_run into model, optimizer and generators, so that it continues exactly.
-    A checkpoint written with other settings (fields outside `resumable`) is refused. Returns (records, step)."""
-    state = load_checkpoint(path)
-    diff = {k: (v, getattr(cfg, k)) for k, v in state["config"].items() if k not in resumable and getattr(cfg, k) != v}
+def read_run(path, cfg, resumable):
+    """The state save_run wrote at `path`, checked: a readable checkpoint of a run, written with the same
+    settings as `cfg` except the fields in `resumable` and the run's location (out_root and run_name: the
+    same folder may be given by a relative or an absolute path, or moved). ConfigError or RunError otherwise."""
+    state = load_checkpoint(path, RUN_KEYS, remedy="delete it to start this run over, or choose another --run_name")
+    diff = {k: (v, getattr(cfg, k)) for k, v in state["config"].items()
+            if k not in resumable and k not in LOCATION and hasattr(cfg, k) and getattr(cfg, k) != v}
     if diff:
         raise ConfigError(f"{path} was written with other settings {diff} (saved, now); "
-                          "use another --run_name or --resume=false")
+                          "rerun with the saved values to resume it, or choose another --run_name")
+    return state
+
+
+def resume_run(path, cfg, resumable, model, optimizer, generators):
+    """Restore a run saved by save_run into model, optimizer and generators, so that it continues exactly.
+    A checkpoint written with other settings is refused (read_run). Returns (records, step)."""
+    state = read_run(path, cfg, resumable)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     restore_generators(generators, state["generators"])
     return state["records"], state["step"]
-
-
-def write_json(obj, path):
-    """json.dump, atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 class Clock:
@@ -249,37 +468,17 @@ class Clock:
         return self.offset + time.perf_counter() - self.start
 
 
-def plot_curves(records, path, keys, title=""):
-    """One row per metric key, plotted against `step` (left) and `time` in seconds (right).
-    records: a list of dicts; a record without a key is skipped for that key (eval vs train rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(keys), 2, figsize=(9, 2.6 * len(keys)), squeeze=False)
-    for row, key in enumerate(keys):
-        rows = [r for r in records if key in r]
-        for col, x in enumerate(("step", "time")):
-            ax = axes[row][col]
-            ax.plot([r[x] for r in rows], [r[key] for r in rows], marker="o" if len(rows) < 30 else None, ms=3)
-            ax.set_xlabel("GRPO step" if x == "step" else "wall time (s)")
-            ax.set_ylabel(key)
-            ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def load_or_train(path, key, model, train, what, log=print):
     """`model` with the weights cached at `path`; when missing, train() -> (trained model, losses, seconds)
-    runs and its result is cached (atomically) with `key`. Returns (model, dict(seconds, cached, path, losses))."""
+    runs and its result is cached (atomically) with `key`. A damaged cache raises RunError naming it.
+    Returns (model, dict(seconds, cached, path, losses))."""
     if os.path.exists(path):
-        saved = load_checkpoint(path)
-        model.load_state_dict(saved["model"])
+        remedy = f"delete it and rerun: the {what} is trained again"
+        saved = load_checkpoint(path, ("model", "seconds", "losses"), remedy)
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError as e:
+            raise RunError(f"{path} does not fit this {what} ({str(e).splitlines()[0][:80]}); {remedy}") from None
         log(f"{what} loaded from {path} (trained in {saved['seconds']:.0f} s)")
         return model, dict(seconds=saved["seconds"], cached=True, path=path, losses=saved["losses"])
     model, losses, seconds = train()

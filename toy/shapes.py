@@ -64,6 +64,8 @@ import maskgrpo
 from toy import fsq
 from toy import shapes_world as sw
 from toy.common import (
+    check_finite,
+    claim_run,
     config_hash,
     grpo_loop,
     load_or_train,
@@ -144,6 +146,8 @@ class Config:
     progress: bool = True  # tqdm bars
 
     def __post_init__(self):
+        """Every check of the settings, single and cross-field, before any work (the tokenizer) starts."""
+        check_finite(self)
         for name in ("fsq_steps", "fsq_batch_size", "fsq_images", "sft_images", "sft_batch_size", "prompts_per_step",
                      "eval_samples", "eval_every", "ckpt_every", "threads", "grid_prompts", "grid_samples"):
             if getattr(self, name) < 1:
@@ -159,8 +163,14 @@ class Config:
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {self.reward!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        self.levels()
+        if self.sft_learning_rate <= 0:
+            raise ValueError(f"sft_learning_rate must be > 0, got {self.sft_learning_rate}")
+        if any(level < 2 for level in self.levels()):
+            raise ValueError(f"fsq_levels must be integers >= 2, got {self.fsq_levels!r}")
         self.grpo()  # validates the GRPO fields
+        layout = Layout(math.prod(self.levels()))  # the model sizes, checked before the tokenizer trains
+        maskgrpo.ModelConfig.tiny(layout.vocab_size, layout.mask_id, layout.eos_id, **self.model_sizes(),
+                                  max_sequence_length=layout.length)
 
     def levels(self):
         try:
@@ -487,30 +497,31 @@ def summarize(records, setup_seconds):
 
 
 def main(cfg):
-    threads = set_threads(cfg.threads)
     run_dir = os.path.join(cfg.out_root, cfg.run_name)
     log = tqdm.write
-    start = time.perf_counter()
-    tokenizer, fsq_info = load_or_train_tokenizer(cfg, log)
-    layout = Layout(tokenizer.codebook_size)
-    policy, sft_info = load_or_train_sft(cfg, layout, tokenizer, log)
-    setup_seconds = time.perf_counter() - start
-    log(f"{threads} threads; vocabulary {layout.vocab_size} ({len(sw.VOCAB)} words, 4 special, "
-        f"{tokenizer.codebook_size} codes); model {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters; "
-        f"tokenizer {fsq_info['seconds']:.0f} s{' (cached)' if fsq_info['cached'] else ''}, "
-        f"SFT {sft_info['seconds']:.0f} s{' (cached)' if sft_info['cached'] else ''}")
-    if not os.path.exists(os.path.join(run_dir, "grid_sft.png")):
-        save_grid(policy, tokenizer, layout, cfg, os.path.join(run_dir, "grid_sft.png"), "SFT model (held-out prompts)")
-    records = grpo(cfg, policy, tokenizer, layout, run_dir, log=log)
-    save_grid(policy, tokenizer, layout, cfg, os.path.join(run_dir, "grid_rl.png"),
-              f"after {records[-1]['step']} MaskGRPO steps ({cfg.rollout_mode} rollouts)")
-    summary = summarize(records, setup_seconds)
-    write_json(dict(config=dataclasses.asdict(cfg), summary=summary, tokenizer=fsq_info, sft=sft_info, records=records),
-               os.path.join(run_dir, "metrics.json"))
-    keys = ["heldout_overall", "heldout_score", "heldout_extra_frac", "reward_mean", "train_strict", "train_extra_frac"]
-    keys += ["kl"] if cfg.beta > 0 else []
-    plot_curves(records, os.path.join(run_dir, "curves.png"), keys,
-                title=f"shapes MaskGRPO ({cfg.run_name})")
+    with claim_run(cfg, run_dir, RESUMABLE_CHANGES):  # output folders, the run's lock, its checkpoint: before any work
+        threads = set_threads(cfg.threads)
+        start = time.perf_counter()
+        tokenizer, fsq_info = load_or_train_tokenizer(cfg, log)
+        layout = Layout(tokenizer.codebook_size)
+        policy, sft_info = load_or_train_sft(cfg, layout, tokenizer, log)
+        setup_seconds = time.perf_counter() - start
+        log(f"{threads} threads; vocabulary {layout.vocab_size} ({len(sw.VOCAB)} words, 4 special, "
+            f"{tokenizer.codebook_size} codes); model {sum(p.numel() for p in policy.parameters()) / 1e6:.2f} M parameters; "
+            f"tokenizer {fsq_info['seconds']:.0f} s{' (cached)' if fsq_info['cached'] else ''}, "
+            f"SFT {sft_info['seconds']:.0f} s{' (cached)' if sft_info['cached'] else ''}")
+        if not os.path.exists(os.path.join(run_dir, "grid_sft.png")):
+            save_grid(policy, tokenizer, layout, cfg, os.path.join(run_dir, "grid_sft.png"), "SFT model (held-out prompts)")
+        records = grpo(cfg, policy, tokenizer, layout, run_dir, log=log)
+        save_grid(policy, tokenizer, layout, cfg, os.path.join(run_dir, "grid_rl.png"),
+                  f"after {records[-1]['step']} MaskGRPO steps ({cfg.rollout_mode} rollouts)")
+        summary = summarize(records, setup_seconds)
+        write_json(dict(config=dataclasses.asdict(cfg), summary=summary, tokenizer=fsq_info, sft=sft_info, records=records),
+                   os.path.join(run_dir, "metrics.json"))
+        keys = ["heldout_overall", "heldout_score", "heldout_extra_frac", "reward_mean", "train_strict", "train_extra_frac"]
+        keys += ["kl"] if cfg.beta > 0 else []
+        plot_curves(records, os.path.join(run_dir, "curves.png"), keys,
+                    title=f"shapes MaskGRPO ({cfg.run_name})")
     print(f"held-out overall (GenEval-style): SFT {summary['sft_overall']:.3f} +- {summary['sft_overall_se']:.3f} -> "
           f"GRPO {summary['final_overall']:.3f} +- {summary['final_overall_se']:.3f} ({summary['gain']:+.3f}); "
           f"graded score {summary['sft_score']:.3f} -> {summary['final_score']:.3f}; "
