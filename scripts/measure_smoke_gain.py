@@ -18,12 +18,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from test_toy_arithmetic import smoke_run  # noqa: E402
 
 torch.set_num_threads(1)
-gains = []
+gains, correct = [], []
 n_seeds = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 grpo_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 20
 for seed in range(n_seeds):
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        gains.append(smoke_run(pathlib.Path(tmp), grpo_steps, seed=seed, init_seed=seed, sft_seed=seed)[3])
-    print(f"seed {seed}: paired gain {gains[-1]:+.4f}", flush=True)
-mean, sd = statistics.mean(gains), statistics.stdev(gains)
-print(f"{grpo_steps} steps: mean {mean:+.4f}, sd {sd:.4f}, min {min(gains):+.4f}, max {max(gains):+.4f}")
+        *_, gain, gain_correct = smoke_run(pathlib.Path(tmp), grpo_steps, seed=seed, init_seed=seed, sft_seed=seed)
+    gains.append(gain)
+    correct.append(gain_correct)
+    print(f"seed {seed}: paired gain in reward {gain:+.4f}, in exact match {gain_correct:+.4f}", flush=True)
+for what, xs in (("reward", gains), ("exact match", correct)):
+    mean, sd = statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+    print(f"{grpo_steps} steps, gain in {what}: mean {mean:+.4f}, sd {sd:.4f}, min {min(xs):+.4f}, max {max(xs):+.4f}")
