@@ -6,6 +6,7 @@ code under test. Random draws are made with the caller's torch.Generator in the 
 defines, so an oracle and the fast code can be compared on identical noise.
 """
 
+import itertools
 import math
 
 import torch
@@ -172,3 +173,128 @@ def grpo_loss_loop(logps, old_logps, ref_logps, advantages, loss_mask, *, epsilo
     stats = dict(clip_frac=clipped / n, kl=kl_sum / n, ratio_mean=ratio_sum / n,
                  ratio_max=1.0 if ratio_max is None else ratio_max)
     return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# The LLaDA forward pass, from the architecture's formulas (LLaDA arXiv 2502.09992 §2.1 / App. B:
+# a LLaMA-style Transformer without the causal mask: pre-norm RMSNorm, RoPE, SwiGLU, untied output head)
+
+
+def _rms_norm_loop(x, weight, eps):
+    """y_t = x_t / sqrt(mean_d(x_td^2) + eps) * w, one position t at a time. x (T, D) float64."""
+    return torch.stack([x[t] / math.sqrt(float((x[t] ** 2).mean()) + eps) * weight for t in range(x.shape[0])])
+
+
+def _rope_loop(x, theta):
+    """HF's rotate-half RoPE (transformers' apply_rotary_pos_emb), one position and frequency at a time:
+    the pair (x_i, x_{i + hd/2}) at position t turns by the angle t * theta^(-2i / hd):
+        x'_i = x_i cos - x_{i+hd/2} sin,   x'_{i+hd/2} = x_{i+hd/2} cos + x_i sin.   x (T, hd) float64."""
+    T, hd = x.shape
+    out = x.clone()
+    for t in range(T):
+        for i in range(hd // 2):
+            angle = t * theta ** (-2 * i / hd)
+            a, b = float(x[t, i]), float(x[t, i + hd // 2])
+            out[t, i] = a * math.cos(angle) - b * math.sin(angle)
+            out[t, i + hd // 2] = b * math.cos(angle) + a * math.sin(angle)
+    return out
+
+
+@torch.no_grad()
+def llada_forward_loop(model, input_ids, attention_mask=None):
+    """Logits (B, T, V) in float64 of a MaskedDiffusionLM, one row and one attention head at a time, read
+    from its state dict by the HF checkpoint's key names (GSAI-ML/LLaDA-8B-Instruct). Per block:
+        h = x + W_o concat_heads( softmax_s( RoPE(q_t) . RoPE(k_s) / sqrt(hd) ) v_s ),  q, k, v = W RMSNorm(x)
+        x' = h + W_down( silu(W_gate m) * (W_up m) ),  m = RMSNorm(h)
+    with bidirectional attention: query t attends to every key s that is not padding (attention_mask False).
+    Then logits = W_head RMSNorm(x)."""
+    cfg = model.config
+    w = {k: v.double() for k, v in model.state_dict().items()}
+    H, eps = cfg.n_heads, cfg.rms_norm_eps
+    hd = cfg.d_model // H
+    pre = "model.transformer."
+    out = []
+    for b in range(input_ids.shape[0]):
+        T = input_ids.shape[1]
+        keep = [True] * T if attention_mask is None else [bool(v) for v in attention_mask[b].tolist()]
+        x = w[pre + "wte.weight"][input_ids[b]]  # (T, D)
+        for layer in range(cfg.n_layers):
+            p = f"{pre}blocks.{layer}."
+            n = _rms_norm_loop(x, w[p + "attn_norm.weight"], eps)
+            heads = []
+            for h in range(H):
+                rows = slice(h * hd, (h + 1) * hd)
+                q = _rope_loop(n @ w[p + "q_proj.weight"][rows].T, cfg.rope_theta)  # (T, hd)
+                k = _rope_loop(n @ w[p + "k_proj.weight"][rows].T, cfg.rope_theta)
+                v = n @ w[p + "v_proj.weight"][rows].T
+                y = torch.zeros((T, hd), dtype=torch.float64)
+                for t in range(T):
+                    scores = [float(q[t] @ k[s]) / math.sqrt(hd) if keep[s] else -math.inf for s in range(T)]
+                    top = max(scores)
+                    e = [math.exp(z - top) for z in scores]
+                    for s in range(T):
+                        y[t] += e[s] / sum(e) * v[s]
+                heads.append(y)
+            h_res = x + torch.cat(heads, 1) @ w[p + "attn_out.weight"].T
+            m = _rms_norm_loop(h_res, w[p + "ff_norm.weight"], eps)
+            gate, up = m @ w[p + "ff_proj.weight"].T, m @ w[p + "up_proj.weight"].T
+            x = h_res + (gate * torch.sigmoid(gate) * up) @ w[p + "ff_out.weight"].T
+        out.append(_rms_norm_loop(x, w[pre + "ln_f.weight"], eps) @ w[pre + "ff_out.weight"].T)
+    return torch.stack(out)
+
+
+# -----------------------------------------------------------------------------
+# LLaDA's stochastic decoding step (generate(), low_confidence remasking, temperature > 0)
+
+
+def _llada_confidence(logits_row, token):
+    """LLaDA's confidence of a candidate: its probability under the softmax of the un-tempered logits over
+    the full vocabulary ([MASK] included in the normaliser). logits_row (V,) float64."""
+    top = float(logits_row.max())
+    return math.exp(float(logits_row[token]) - top) / sum(math.exp(float(v) - top) for v in logits_row)
+
+
+def llada_first_step_loop(logits, temperature, mask_id, generator):
+    """The first committed (token, position) of each row when a step commits one token: logits (B, Lb, V)
+    of the block. LLaDA's add_gumbel_noise draws u ~ U(0, 1) in float64 for the whole logits tensor; the
+    candidate at a position is argmax_v exp(l_v) / (-log u_v)^tau over v != [MASK] (a draw from
+    softmax(l / tau)); the committed position is the most confident one (ties: the lower position).
+    Returns (tokens (B,), positions (B,))."""
+    B, Lb, V = logits.shape
+    u = torch.rand((B, Lb, V), generator=generator, dtype=torch.float64)
+    tokens, positions = [], []
+    for b in range(B):
+        best = (-math.inf, None, None)
+        for i in range(Lb):
+            row = logits[b, i].double()
+            keys = [float(row[v]) - temperature * math.log(-math.log(float(u[b, i, v]))) if v != mask_id else -math.inf
+                    for v in range(V)]
+            token = max(range(V), key=lambda v: keys[v])
+            conf = _llada_confidence(row, token)
+            if conf > best[0]:
+                best = (conf, token, i)
+        tokens.append(best[1])
+        positions.append(best[2])
+    return torch.tensor(tokens), torch.tensor(positions)
+
+
+def llada_first_step_law(logits, temperature, mask_id):
+    """The exact law of the first committed (token, position) of one row under LLaDA's rule (one token per
+    step), by enumerating every joint draw of the block's candidates: logits (Lb, V) -> probs (V, Lb).
+    The candidates are independent, x_i ~ softmax(l_i / tau) over v != [MASK]; the winner is the position
+    of the largest un-tempered confidence softmax(l_i)[x_i] (ties: the lower position)."""
+    Lb, V = logits.shape
+    vocab = [v for v in range(V) if v != mask_id]
+    draw = []  # draw[i][v] = P(candidate at i is v)
+    for i in range(Lb):
+        scaled = [float(logits[i, v]) / temperature for v in vocab]
+        top = max(scaled)
+        e = [math.exp(s - top) for s in scaled]
+        draw.append({v: e[j] / sum(e) for j, v in enumerate(vocab)})
+    law = torch.zeros((V, Lb), dtype=torch.float64)
+    for combo in itertools.product(vocab, repeat=Lb):
+        p = math.prod(draw[i][v] for i, v in enumerate(combo))
+        conf = [_llada_confidence(logits[i].double(), v) for i, v in enumerate(combo)]
+        winner = max(range(Lb), key=lambda i: (conf[i], -i))
+        law[combo[winner], winner] += p
+    return law
