@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from tqdm import tqdm
 
 from toy import arithmetic
-from toy.common import plot_curves, run_cli, set_threads, write_json
+from toy.common import atomic_write, plot_curves, run_cli, set_threads, write_json
 
 ARMS = {
     "d1": dict(estimator="d1"),
@@ -98,12 +98,10 @@ def table(summaries, cfg):
 
 def plot(all_runs, path):
     """Held-out accuracy against step, mean and +- std over seeds, one line per arm."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for arm, runs in all_runs.items():
         steps = [r["step"] for r in runs[0] if "heldout_acc" in r]
         accs = [[r["heldout_acc"] for r in records if "heldout_acc" in r] for records in runs]
@@ -116,8 +114,7 @@ def plot(all_runs, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def main(cfg):

@@ -64,6 +64,7 @@ import maskgrpo
 from toy import fsq
 from toy import shapes_world as sw
 from toy.common import (
+    atomic_write,
     check_finite,
     claim_run,
     config_hash,
@@ -396,10 +397,7 @@ def grid_specs(cfg):
 @torch.no_grad()
 def save_grid(model, tokenizer, layout, cfg, path, title):
     """PNG: rows = held-out prompts, columns = samples; the same generator seed for every call."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     specs = grid_specs(cfg)
     g = torch.Generator().manual_seed(cfg.eval_seed + 1)
@@ -408,7 +406,8 @@ def save_grid(model, tokenizer, layout, cfg, path, title):
     scored = sw.score_images(images, [s for s in specs for _ in range(cfg.grid_samples)])
     scores, extra = scored["score"], scored["extra"].long()
     rows, cols = len(specs), cfg.grid_samples
-    fig, axes = plt.subplots(rows, cols, figsize=(1.1 * cols + 2.2, 1.15 * rows + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.1 * cols + 2.2, 1.15 * rows + 0.4))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i in range(rows):
         for j in range(cols):
             ax = axes[i][j]
@@ -421,9 +420,7 @@ def save_grid(model, tokenizer, layout, cfg, path, title):
                               ha="right", va="center")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 # -----------------------------------------------------------------------------
