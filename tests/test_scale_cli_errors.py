@@ -35,15 +35,6 @@ def base(tmp_path_factory):
     return base
 
 
-@pytest.fixture
-def live_pid():
-    """A process that is alive for the duration of a test (the holder of a lock)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 # -----------------------------------------------------------------------------
 # Setting up a case: a copy of the run folder, a damaged file, the command line
 

@@ -58,15 +58,6 @@ def base(tmp_path_factory):
     return base
 
 
-@pytest.fixture
-def live_pid():
-    """A process alive for the duration of a test (the holder of a lock, the writer of a temp file)."""
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield proc.pid
-    proc.kill()
-    proc.wait()
-
-
 def dead_pid():
     proc = subprocess.Popen(["true"])
     proc.wait()
