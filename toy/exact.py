@@ -112,18 +112,26 @@ import numpy as np
 import torch
 
 from maskgrpo import (
+    CACHES,
     Completions,
     GRPOConfig,
     MaskedDiffusionLM,
     ModelConfig,
     draw_mask,
     elbo_loss,
+    emerge_reveal_prob,
     forward_mask,
     generate_image,
+    generate_text,
     gumbel_argmax,
     mask_ratio,
+    maskgit_choice_temperature,
+    maskgit_keep_masked,
     masked_logps,
     text_completions,
+    threshold_counts,
+    top_k_commit,
+    transfer_counts,
 )
 
 # -----------------------------------------------------------------------------
@@ -304,6 +312,239 @@ def toy_completions(model, num_prompts, group_size, generator):
     seq = sample_random_order(model, prompts, COMPLETION_LEN, generator, COLUMNS)
     batch = text_completions(seq, torch.ones_like(prompts, dtype=torch.bool), EOS_ID)
     return replace(batch, columns=COLUMNS)
+
+
+# -----------------------------------------------------------------------------
+# Exact completion distributions of the samplers actually used (maskgrpo.generate_text / generate_image)
+#
+# A sampler is a Markov chain on canvases: at loop step s the next canvas depends only on the current one
+# (and, with a KV cache, on the canvas at the block's start, which the current canvas determines: earlier
+# blocks filled, this block and later ones masked). So P(final canvas) is a forward DP over the set of
+# reachable canvases, one loop step at a time:
+#     P_{s+1}(x') = sum_x P_s(x) * T_s(x -> x'),
+# with T_s computed from one batched forward of every reachable x. T_s is written out by enumerating the
+# step's own randomness, the candidate token of every masked position of the block (K'^m joint draws,
+# m <= block length), and applying maskgrpo's commit rules (top_k_commit, threshold_counts) to each joint
+# draw: the rules are imported, never restated, so ties are broken exactly as the sampler breaks them
+# (the lower position first, top_k_commit's stable sort). Ties need equal float64 confidences at two
+# positions: RoPE makes the positions' logits differ, so on a real model they do not occur, but the DP
+# would count them correctly if they did. With `targets` only the canvases consistent with each target
+# completion are kept (2^L at most), which gives log P(o) cheaply. Probabilities are torch tensors
+# built from softmaxes of the logits, so log P(o) is differentiable in the logits (and the weights);
+# the commit decisions are piecewise constant and carry no gradient.
+
+
+def _merge(rows, x, prob):
+    """Sum the probabilities of identical (row, canvas) states. rows (n,), x (n, T), prob (n,)."""
+    keys, inverse = torch.unique(torch.cat([rows[:, None], x], 1), dim=0, return_inverse=True)
+    return keys[:, 0], keys[:, 1:], prob.new_zeros(len(keys)).index_add(0, inverse, prob)
+
+
+def _joint_draws(num_values, width, device=None):
+    """Every joint draw of `width` independent categoricals with `num_values` outcomes: (num_values^width, width)."""
+    if width == 0:
+        return torch.zeros((1, 0), dtype=torch.long, device=device)
+    return torch.tensor(list(itertools.product(range(num_values), repeat=width)), dtype=torch.long, device=device)
+
+
+def _block_logits(model, x, block, first_step, cache, mask_id):
+    """The logits generate_text computes for `block` of the canvases x (n, T): a plain forward, or with a
+    cache (after the block's first step) a forward of the span against keys/values cached at the block's
+    start (the canvas with this block and every later one masked). Returns (n, Lb, V) float64."""
+    if cache == "none" or first_step:
+        return model(x, positions=block).double()
+    start = x.clone()
+    start[:, block.start:] = mask_id
+    _, kv = model(start, positions=block, return_kv=True)
+    span = slice(block.start, x.shape[1]) if cache == "prefix" else block
+    return model(x, positions=block, kv=kv, span=span).double()
+
+
+def _text_step(model, rows, x, prob, block, first_step, scheduled, *, temperature, mask_id, cache, threshold, targets):
+    """One loop step of generate_text on every state (rows, x, prob) whose block still has a [MASK]."""
+    masked = x[:, block] == mask_id  # (n, Lb)
+    done = ~masked.any(1)
+    out = [(rows[done], x[done], prob[done])]  # a filled block: nothing to do (threshold mode skips the step)
+    live = (~done).nonzero().squeeze(1)
+    if len(live):
+        logits = _block_logits(model, x[live], block, first_step, cache, mask_id)  # (n, Lb, V)
+        V = logits.shape[-1]
+        vocab = torch.tensor([v for v in range(V) if v != mask_id], device=x.device)  # K' candidate ids
+        # text_candidates: x0 ~ softmax(l / tau) with [MASK] excluded; confidence = softmax(l)[x0], full vocabulary
+        q = (logits / temperature).index_select(-1, vocab).softmax(-1)  # (n, Lb, K')
+        conf = logits.softmax(-1).index_select(-1, vocab).detach()  # (n, Lb, K')
+        for pattern in masked[live].unique(dim=0):
+            group = live[(masked[live] == pattern).all(1)]
+            g = (masked[live] == pattern).all(1).nonzero().squeeze(1)  # indices into `live`
+            where = pattern.nonzero().squeeze(1)  # the m masked positions of the block
+            draws = _joint_draws(len(vocab), len(where), x.device)  # (C, m) candidate indices
+            C, n = len(draws), len(group)
+            # P(joint draw) = prod over masked positions of q_i(v_i): (n, C)
+            q_draw = torch.stack([q[g][:, i].index_select(1, draws[:, t]) for t, i in enumerate(where.tolist())]).prod(0)
+            conf_block = torch.zeros((n, C, len(pattern)), dtype=torch.float64, device=x.device)
+            cand = x[group][:, block][:, None].expand(n, C, -1).clone()  # (n, C, Lb)
+            for t, i in enumerate(where.tolist()):
+                conf_block[:, :, i] = conf[g][:, i].index_select(1, draws[:, t])
+                cand[:, :, i] = vocab[draws[:, t]]
+            conf_flat, masked_flat = conf_block.view(n * C, -1), pattern.expand(n * C, -1)
+            k = torch.full((n * C,), int(scheduled), dtype=torch.long, device=x.device)
+            if threshold is not None:
+                k = threshold_counts(conf_flat, masked_flat, threshold, k)
+            commit = top_k_commit(conf_flat, masked_flat, k).view(n, C, -1)  # the sampler's own rule
+            child = x[group][:, None].expand(n, C, -1).clone()  # (n, C, T)
+            child[:, :, block] = torch.where(commit, cand, child[:, :, block])
+            child_rows = rows[group][:, None].expand(n, C)
+            child_prob = prob[group][:, None] * q_draw  # (n, C)
+            out.append((child_rows.reshape(-1), child.view(n * C, -1), child_prob.reshape(-1)))
+    rows, x, prob = (torch.cat(t) for t in zip(*out, strict=True))
+    if targets is not None:
+        span = x[:, -targets.shape[1]:]
+        keep = ((span == targets[rows]) | (span == mask_id)).all(1)
+        rows, x, prob = rows[keep], x[keep], prob[keep]
+    return _merge(rows, x, prob)
+
+
+def text_dp(model, prompts, *, gen_length, block_length, steps, temperature, mask_id, cache="none", threshold=None,
+            targets=None):
+    """The exact distribution of maskgrpo.generate_text(model, prompts, ...) (same arguments; no padding),
+    by a DP over canvases. prompts (N, P). targets: None (every completion of every prompt) or (N, L)
+    (only the canvases consistent with row i's target). Returns (rows (n,), completions (n, L), probs (n,)),
+    probs float64 and differentiable in the model's weights; with targets, at most one state per row."""
+    if not temperature > 0:
+        raise ValueError(f"text_dp needs temperature > 0 (a greedy sampler is deterministic), got {temperature}")
+    if cache not in CACHES:
+        raise ValueError(f"cache must be one of {CACHES}, got {cache!r}")
+    if gen_length % block_length or steps % (gen_length // block_length):
+        raise ValueError(f"block_length={block_length} must divide gen_length={gen_length} and steps={steps} must be "
+                         f"a multiple of the number of blocks")
+    N, P = prompts.shape
+    x = torch.cat([prompts, prompts.new_full((N, gen_length), mask_id)], 1)  # (N, T)
+    rows = torch.arange(N, device=x.device)
+    prob = torch.ones(N, dtype=torch.float64, device=x.device)
+    num_blocks = gen_length // block_length
+    steps_per_block = steps // num_blocks
+    counts = transfer_counts(torch.tensor([block_length]), steps_per_block)[0]  # every block starts fully masked
+    for b in range(num_blocks):
+        block = slice(P + b * block_length, P + (b + 1) * block_length)
+        for s in range(steps_per_block):
+            rows, x, prob = _text_step(model, rows, x, prob, block, s == 0, counts[s], temperature=temperature,
+                                       mask_id=mask_id, cache=cache, threshold=threshold, targets=targets)
+    return rows, x[:, P:], prob
+
+
+def _plackett_luce_top(log_w, size):
+    """P(the `size` largest of log_w_i + Gumbel_i are exactly the set S) for every S, by the
+    Plackett-Luce form of Gumbel-max (Yellott 1977): sum over orderings s_1..s_n of S of
+    prod_t w_{s_t} / sum_{j not in s_1..s_{t-1}} w_j. log_w (n, m) -> (sets (S_count, m) bool, probs (n, S_count))."""
+    n, m = log_w.shape
+    sets = {}
+    for order in itertools.permutations(range(m), size):
+        logp = log_w.new_zeros(n)
+        left = torch.ones(m, dtype=torch.bool)
+        for i in order:
+            logp = logp + log_w[:, i] - log_w[:, left].logsumexp(1)
+            left[i] = False
+        key = tuple(sorted(order))
+        sets[key] = sets[key] + logp.exp() if key in sets else logp.exp()
+    keys = list(sets)
+    members = torch.zeros((len(keys), m), dtype=torch.bool)
+    for r, key in enumerate(keys):
+        members[r, list(key)] = True
+    return members, torch.stack([sets[k] for k in keys], 1)
+
+
+def _image_step(model, rows, x, prob, s, *, positions, columns, steps, mask_id, mode, temperature, choice_temperature,
+                targets):
+    """One step of generate_image (guidance 0) on every state (rows, x, prob)."""
+    N = x[:, positions].shape[1]  # image tokens
+    masked = x[:, positions] == mask_id  # (n, N)
+    out = []
+    logits = model(x, positions=positions, columns=columns) / max(temperature, 1e-6)  # as generate_image
+    logq = logits.double().log_softmax(-1)  # (n, N, K): x0 ~ softmax(logits / tau) (gumbel_argmax at 1.0)
+    K = logq.shape[-1]
+    for pattern in masked.unique(dim=0):
+        g = (masked == pattern).all(1).nonzero().squeeze(1)
+        where = pattern.nonzero().squeeze(1).tolist()
+        n, m = len(g), len(where)
+        if m == 0:
+            out.append((rows[g], x[g], prob[g]))
+            continue
+        lq = logq[g][:, where]  # (n, m, K)
+        if mode == "emerge":
+            # each masked token independently: stays masked w.p. 1 - p_s, else reveals v w.p. p_s q(v)
+            p = emerge_reveal_prob(s, steps)
+            draws = _joint_draws(K + 1, m, x.device) - 1  # (C, m), -1 = stays masked
+            reveal = draws >= 0
+            terms = []
+            for t in range(m):
+                v = draws[:, t]
+                lp_v = lq[:, t].index_select(1, v.clamp(min=0))  # (n, C)
+                terms.append(torch.where(v >= 0, math.log(p) + lp_v if p > 0 else -math.inf,
+                                         math.log1p(-p) if p < 1 else -math.inf))
+            logp_draw = torch.stack(terms).sum(0)  # (n, C)
+            written = reveal
+        else:
+            # MaskGIT: every masked token draws v ~ q; the m - keep most confident (log q(v) + tau_s Gumbel) are written
+            keep = int(maskgit_keep_masked(N, torch.tensor([m]), s, steps)[0])
+            tau = maskgit_choice_temperature(choice_temperature, s, steps)
+            tokens = _joint_draws(K, m, x.device)  # (C, m)
+            lp_tok = torch.stack([lq[:, t].index_select(1, tokens[:, t]) for t in range(m)], 2)  # (n, C, m)
+            if keep == 0:
+                sets, p_set = torch.ones((1, m), dtype=torch.bool), lp_tok.new_ones((n, len(tokens), 1))
+            else:
+                sets, p_set = _plackett_luce_top((lp_tok / tau).view(n * len(tokens), m), m - keep)
+                p_set = p_set.view(n, len(tokens), -1)  # (n, C, S)
+            # one child per (token draw, written set): log P = sum log q + log P(set | confidences)
+            logp_draw = (lp_tok.sum(2)[:, :, None] + p_set.clamp_min(1e-300).log()).flatten(1)  # (n, C * S)
+            written = sets[None].expand(len(tokens), -1, -1).reshape(-1, m)  # (C * S, m)
+            draws = tokens.repeat_interleave(len(sets), 0)  # (C * S, m)
+        C = len(draws)
+        child = x[g][:, None].expand(n, C, -1).clone()  # (n, C, T)
+        span = child[:, :, positions]
+        cols = torch.tensor(where, device=x.device)
+        new_tokens = torch.where(written, draws.clamp(min=0) + columns.start, mask_id)  # (C, m)
+        span[:, :, cols] = new_tokens[None].expand(n, -1, -1)
+        child[:, :, positions] = span
+        out.append((rows[g][:, None].expand(n, C).reshape(-1), child.view(n * C, -1),
+                    (prob[g][:, None] * logp_draw.exp()).reshape(-1)))
+    rows, x, prob = (torch.cat(t) for t in zip(*out, strict=True))
+    keep = prob.detach() > 0
+    if targets is not None:
+        span = x[:, positions]
+        keep &= ((span == targets[rows]) | (span == mask_id)).all(1)
+    return _merge(rows[keep], x[keep], prob[keep])
+
+
+def image_dp(model, input_ids, *, positions, columns, steps, mask_id, mode="emerge", temperature=1.0,
+             choice_temperature=1.0, targets=None):
+    """The exact distribution of maskgrpo.generate_image(model, input_ids, ...) without guidance (same
+    arguments): every position of `positions` in input_ids (N, T) is [MASK]. targets: None or (N, n_pos)
+    token ids. Returns (rows (n,), image tokens (n, n_pos), probs (n,)), probs float64 and differentiable.
+    MaskGIT's confidence noise is continuous, so its ranking is the Plackett-Luce law of Gumbel-perturbed
+    log q (no ties); it needs choice_temperature > 0."""
+    if mode not in ("emerge", "maskgit"):
+        raise ValueError(f"mode must be 'emerge' or 'maskgit', got {mode!r}")
+    if mode == "maskgit" and not choice_temperature > 0:
+        raise ValueError(f"image_dp needs choice_temperature > 0 for maskgit, got {choice_temperature}")
+    x = input_ids.clone()
+    rows = torch.arange(len(x), device=x.device)
+    prob = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    for s in range(steps):
+        rows, x, prob = _image_step(model, rows, x, prob, s, positions=positions, columns=columns, steps=steps,
+                                    mask_id=mask_id, mode=mode, temperature=temperature,
+                                    choice_temperature=choice_temperature, targets=targets)
+    return rows, x[:, positions], prob
+
+
+def law_distance(support_p, p, support_q, q):
+    """KL(P || Q) and total variation between two laws over completions, each given as (support (C, L),
+    probs (C,)) (e.g. text_dp of one prompt). Returns dict(kl, tv) in nats. KL is inf where Q misses P's support."""
+    union, inverse = torch.unique(torch.cat([support_p, support_q]), dim=0, return_inverse=True)
+    dense_p = p.detach().new_zeros(len(union)).index_add(0, inverse[:len(p)], p.detach())
+    dense_q = q.detach().new_zeros(len(union)).index_add(0, inverse[len(p):], q.detach())
+    on = dense_p > 0
+    kl = float((dense_p[on] * (dense_p[on].log() - dense_q[on].log())).sum())
+    return dict(kl=kl, tv=float(0.5 * (dense_p - dense_q).abs().sum()))
 
 
 # -----------------------------------------------------------------------------
