@@ -159,7 +159,7 @@ def test_estimator_table_runs_and_vanishes_for_identical_policies(tmp_path):
             assert math.isfinite(row[key]), (row["name"], key)
     assert rows[0]["bias"] == 0 and rows[0]["corr_avg"] == pytest.approx(1.0)
     assert [p["ratio"] for p in rows[3]["per_ratio"]] == [0.8, 0.999]
-    plot_estimators(rows, tmp_path / "estimators.png")
+    plot_estimators(rows).savefig(tmp_path / "estimators.png")
     assert (tmp_path / "estimators.png").stat().st_size > 0
     # pi_theta == pi_old: every estimate and the exact log-ratio are exactly zero (rho == 1)
     same, _ = estimator_table(old, old, batch, generator=g, draws=2, num_iterations=2)
