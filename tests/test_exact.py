@@ -8,10 +8,14 @@ import pytest
 import torch
 
 from maskgrpo import MaskedDiffusionLM, ModelConfig, generate_image, generate_text
+from toy.common import ConfigError, parse_config
 from toy.exact import (
     ESTIMATORS,
+    SEMI_AR_ESTIMATORS,
+    Config,
     all_completions,
     completion_distribution,
+    estimator_masks,
     estimator_table,
     exact_logprob,
     exact_logprobs,
@@ -19,9 +23,13 @@ from toy.exact import (
     law_distance,
     log_ratio_estimate,
     make_policies,
+    make_semi_ar_policies,
     mask_draws,
     plot_estimators,
+    plot_semi_ar,
     sample_random_order,
+    semi_ar_completions,
+    semi_ar_table,
     single_completion,
     subset_logps,
     text_dp,
@@ -286,3 +294,51 @@ def test_law_distance_sees_the_stale_cache():
     assert 0.005 < far["tv"] < 1 and far["kl"] > 0
     reversed_support = law_distance(support.flip(0), exact.flip(0), support_dual, dual)
     assert reversed_support["tv"] == pytest.approx(far["tv"]) and reversed_support["kl"] == pytest.approx(far["kl"])
+
+
+# -----------------------------------------------------------------------------
+# The semi-AR study
+
+
+def test_coupled_masks_hide_every_token_exactly_once_and_espo_is_the_elbo_over_length():
+    old, _ = make_semi_ar_policies(seed=0, pretrain_steps=1, rl_steps=0)
+    batch = semi_ar_completions(old, 3, 2, torch.Generator().manual_seed(0))
+    by_kind = {e.kind: e for e in SEMI_AR_ESTIMATORS}
+    pairs, t = estimator_masks(batch, by_kind["coupled"], 0, num_iterations=1, min_mask_rate=0.6, p_mask_prompt=0.15,
+                               generator=torch.Generator().manual_seed(1))
+    (m1, w1), (m2, w2) = pairs
+    assert torch.equal(m1[:, batch.positions] ^ m2[:, batch.positions], batch.scored)
+    assert not (m1[:, :batch.positions.start] | m2[:, :batch.positions.start]).any()
+    espo, t_espo = estimator_masks(batch, by_kind["espo"], 0, num_iterations=1, min_mask_rate=0.6, p_mask_prompt=0.15,
+                                   generator=torch.Generator().manual_seed(1))
+    elbo, _ = estimator_masks(batch, by_kind["elbo"], 0, num_iterations=1, min_mask_rate=0.6, p_mask_prompt=0.15,
+                              generator=torch.Generator().manual_seed(1))
+    assert torch.equal(espo[0][0], elbo[0][0])  # the same draw ...
+    assert torch.allclose(espo[0][1] * batch.scored.sum(1), elbo[0][1])  # ... weighted 1/(t L) instead of 1/t
+    assert torch.allclose(elbo[0][1], 1 / t_espo)
+
+
+def test_semi_ar_table_runs_and_vanishes_for_identical_policies():
+    old, new = make_semi_ar_policies(seed=0, pretrain_steps=3, rl_steps=1, prompts_per_step=2, group=2)
+    g = torch.Generator().manual_seed(0)
+    batch = semi_ar_completions(old, 2, 2, g)
+    assert batch.trajectory is not None and sorted(batch.trajectory[0].tolist()) == list(range(1, 7))
+    rows, markdown = semi_ar_table(new, old, batch, generator=g, draws=2, num_iterations=2, grad_completions=1,
+                                   grad_draws=1)
+    assert len(rows) == 5 + len(SEMI_AR_ESTIMATORS) and markdown.count("\n") == len(rows) + 1
+    assert rows[0]["bias"] == 0 and rows[0]["cos_1mask"] == 1.0
+    for row in rows[5:]:
+        assert -1 <= row["cos_1mask"] <= 1 and math.isfinite(row["rmse"]), row["name"]
+    assert plot_semi_ar(rows).axes
+    # pi_theta == pi_old: the exact semi-AR log-ratio and every estimate are exactly zero
+    same, _ = semi_ar_table(old, old, batch, generator=g, draws=2, num_iterations=2, grad_completions=0)
+    for row in same:
+        assert row["mean"] == 0 and row["std_masks"] == 0, row["name"]
+
+
+def test_cli_config_refuses_bad_values():
+    with pytest.raises(ConfigError, match="semi_ar_gamma"):
+        parse_config(Config, ["--semi_ar_gamma=1.5"])
+    with pytest.raises(ConfigError, match="draws"):
+        parse_config(Config, ["--draws=0"])
+    assert parse_config(Config, ["--semi_ar_seeds=2"]).semi_ar_seeds == 2

@@ -1,11 +1,12 @@
-"""Exact likelihood of a masked diffusion LM on a toy small enough to enumerate every unmasking order,
-and how the GRPO importance-ratio estimators (MaskGRPO, d1) compare with the exact log-ratio.
+"""Exact likelihood of a masked diffusion LM on toys small enough to enumerate, under a random-order
+sampler and under the samplers actually used (maskgrpo.generate_text / generate_image), and how the GRPO
+importance-ratio estimators compare with the exact log-ratio.
 
 Why this exists
 ---------------
 GRPO needs rho = pi_theta(o) / pi_old(o) for a sampled completion o. For a masked diffusion model
 pi(o) is a marginal over every unmasking trajectory, so MaskGRPO and d1 use per-token surrogates
-scored on one re-masked copy of o (method.md sections 2-3). On a real model the exact value is out
+scored on one re-masked copy of o (MaskGRPO, arXiv 2510.02880 §4; d1, arXiv 2504.12216 §3). On a real model the exact value is out
 of reach; here the completion has L = 4 tokens from K = 4, so all L! = 24 unmasking orders (and all
 2^L = 16 partially revealed states) can be enumerated and the surrogates compared with the truth.
 
@@ -89,7 +90,7 @@ API
     estimator_samples(new, old, batch, estimator, ...) -> Delta_hat (N, J, D) float64, J = ratios
     estimator_table(new, old, batch, ...) -> (rows, markdown)      rows: list of dicts (see `summarise`)
     per_ratio_markdown(rows) -> markdown of the MaskGRPO rows split by ratio r_j
-    plot_estimators(rows, path)                                    scatter per estimator + per-ratio panels
+    plot_estimators(rows) -> matplotlib Figure: scatter per estimator + per-ratio panels
     make_policies(...) -> (pi_old, pi_theta);  toy_completions(...) -> maskgrpo.Completions
 
 The CLI also samples one prompt's completions with sample_random_order and with
@@ -97,8 +98,46 @@ maskgrpo.generate_image(mode="emerge") at T steps and prints their TV distance t
 former sits at the sampling-noise floor, the latter approaches it as T grows (T = 1 is the
 mean-field product of pi(o_i | all masked)).
 
-Run (about 20 s of CPU time, under a minute on 2 busy cores; prints the table, writes runs/exact/{table.md, estimators.png}):
-    .venv/bin/python toy/exact.py [--shift-steps 10 --shift-lr 1e-3 --draws 32 --mu 4 --gamma 0.6]
+The samplers actually used: exact laws by a DP over canvases (`text_dp`, `image_dp`)
+------------------------------------------------------------------------------------
+generate_text (LLaDA's semi-AR low-confidence sampler: blocks, transfer_counts per step, Gumbel-max
+candidates, confidence ranking; with cache="prefix"/"dual" and/or a confidence threshold) and
+generate_image (emerge, MaskGIT) are Markov chains on canvases. The DP carries P(canvas) from one loop
+step to the next, enumerating each step's own randomness (the joint candidate draw of the block's
+masked positions) and applying maskgrpo's commit rules to each draw (see the section comment). The
+result is exact, differentiable in the weights, and checked against >= 20,000 draws of each sampler
+(tests/test_exact.py).
+
+A task where order matters (`running_sums`) and the estimators under the semi-AR sampler
+---------------------------------------------------------------------------------------
+Prompt d_1..d_6 (digits mod 3), completion o_k = d_1 + ... + d_k mod 3: o_k is easy given o_{k-1}, hard
+without it. pi_old = a tiny model after 200 SFT steps (cut short); pi_theta = pi_old after 2 MaskGRPO
+steps (AR-like Rev, reward = fraction of correct tokens). Completions come from generate_text (2 blocks
+of 3, one commit per step, temperature 1) with their decoding trajectory. `semi_ar_table` compares with
+the exact Delta = log pi_theta(o) - log pi_old(o) under that sampler (text_dp) the Rev estimators
+(AR-like, random, the official as-run ramp, trace-ordered), d1, coupled complementary masks
+(`estimator_masks`), the ESPO sequence-level log-ratio (ELBO_new - ELBO_old) / L and the unbiased ELBO,
+with the columns above plus the cosine between each estimator's gradient and the exact gradient of
+log pi_theta(o) (autograd through text_dp; `gradient_cosines`). `gamma_mu_grid` repeats the Rev rows at
+gamma in {0, 0.6, 0.8} x mu in {4, 12}; `sampler_distance_table` gives KL and TV between the exact
+sampler's law and the Fast-dLLM rollouts' (prefix / dual cache, threshold 0.9 / 0.7), by enumeration.
+The row "pi_old's commit decisions" is text_dp(pi_theta, rank_model=pi_old): the log-ratio with the
+commit decisions frozen. Its gap to the truth is the part of Delta that comes from changed commit
+decisions, a piecewise-constant function of the weights that no per-token surrogate sees and no
+gradient reaches.
+
+    text_dp(model, prompts, **generate_text options, targets=None) -> (rows, completions, probs)
+    image_dp(model, input_ids, **generate_image options, targets=None) -> (rows, image tokens, probs)
+    law_distance(support_p, p, support_q, q) -> dict(kl, tv)
+    make_semi_ar_policies(seed) -> (pi_old, pi_theta);  semi_ar_completions(...) -> maskgrpo.Completions
+    semi_ar_logprob(model, batch) -> exact log P(o) under the semi-AR sampler, (N,) differentiable
+    semi_ar_table / gamma_mu_grid / sampler_distance_table -> (rows, markdown)
+    plot_semi_ar(rows, grid_rows) -> Figure;  semi_ar_demo(seed=0) -> (markdown, Figure), ~15 s
+
+Run (options as --key=value, `-h` lists them; writes runs/exact/{table.md, estimators.png, semi_ar.md,
+semi_ar.png}):
+    .venv/bin/python toy/exact.py                       # both studies, 5 seeds of the semi-AR one
+    .venv/bin/python toy/exact.py --semi_ar=false       # the random-order study only (~20 s)
 """
 
 import copy
@@ -1139,7 +1178,7 @@ class Config:
     sampler_samples: int = 2000  # samples per sampler for the TV check
     # semi-AR study (running sums; generate_text's sampler, 2 blocks of 3, one commit per step, temperature 1)
     semi_ar: bool = True  # run it
-    semi_ar_seeds: int = 3  # independent pairs of policies (seeds 0..n-1), completions and masks
+    semi_ar_seeds: int = 5  # independent pairs of policies (seeds 0..n-1), completions and masks
     semi_ar_pretrain_steps: int = 200  # SFT steps of pi_old (cut short: its sampler's order matters)
     semi_ar_rl_steps: int = 2  # MaskGRPO steps from pi_old to pi_theta
     semi_ar_rl_lr: float = 5e-4  # their learning rate
