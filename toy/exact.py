@@ -1135,10 +1135,11 @@ def plot_semi_ar(rows, grid_rows=()):
     if grid_rows:
         for ax, key in zip(axes[len(scatter) + 1:], ("corr_1mask", "std_masks"), strict=False):
             names = dict.fromkeys(r["name"] for r in grid_rows)
-            for name in names:
-                for mu in sorted({r["mu"] for r in grid_rows}):
+            mus = sorted({r["mu"] for r in grid_rows})
+            for color, name in enumerate(names):
+                for mu in mus:
                     pts = [(r["gamma"], r[key]) for r in grid_rows if r["name"] == name and r["mu"] == mu]
-                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, ls="-" if mu == max(r["mu"] for r in grid_rows) else ":",
+                    ax.plot(*zip(*pts, strict=True), marker="o", ms=3, color=f"C{color}", ls="-" if mu == mus[-1] else ":",
                             label=f"{name.replace('MaskGRPO ', '')}, mu {mu}")
             ax.set_title(f"{SEMI_AR_COLUMNS[key]} against gamma", fontsize=8)
             ax.set_xlabel("gamma (min_mask_rate)", fontsize=7)
