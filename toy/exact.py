@@ -1077,6 +1077,31 @@ def sampler_distance_table(model, prompts, sampler=Sampler(), fast=FAST_SAMPLERS
     return rows, "\n".join(lines)
 
 
+@torch.no_grad()
+def commit_decision_table(seed=0, learning_rates=(5e-4, 1e-4, 2e-5), *, num_prompts=16, group=8, pretrain_steps=200,
+                          rl_steps=2, sampler=Sampler()):
+    """How much of the exact semi-AR log-ratio comes from changed commit decisions, against the policy step:
+    for each MaskGRPO learning rate, Delta (text_dp), its smooth part (text_dp with pi_old's commit decisions),
+    the jump Delta - smooth, and the random-order sampler's Delta, on the same completions of pi_old.
+    Returns (rows, markdown)."""
+    rows = []
+    for lr in learning_rates:
+        old, new = make_semi_ar_policies(seed, pretrain_steps, rl_steps=rl_steps, rl_lr=lr, sampler=sampler)
+        batch = semi_ar_completions(old, num_prompts, group, torch.Generator().manual_seed(1000 + seed), sampler)
+        delta = semi_ar_logprob(new, batch, sampler) - semi_ar_logprob(old, batch, sampler)
+        smooth = semi_ar_logprob(new, batch, sampler, rank_model=old) - semi_ar_logprob(old, batch, sampler)
+        any_order = exact_logprobs(new, batch)["any_order"] - exact_logprobs(old, batch)["any_order"]
+        jump = delta - smooth
+        rows.append(dict(lr=lr, delta=float(delta.std()), smooth=float(smooth.std()), jump=float(jump.std()),
+                         any_order=float(any_order.std()), jump_frac=float((jump.abs() > 0.05).double().mean()),
+                         jump_median=float(jump.abs().median()), smooth_median=float(smooth.abs().median())))
+    lines = ["| MaskGRPO lr | std Delta (exact) | std smooth part | std jump part | share of completions with jump > 0.05 "
+             "| median abs jump | median abs smooth | std Delta, random-order sampler |", "|" + "---|" * 8]
+    lines += [f"| {r['lr']:g} | {r['delta']:.3f} | {r['smooth']:.3f} | {r['jump']:.3f} | {r['jump_frac']:.2f} | "
+              f"{r['jump_median']:.4f} | {r['smooth_median']:.4f} | {r['any_order']:.3f} |" for r in rows]
+    return rows, "\n".join(lines)
+
+
 def paired_difference(deltas, samples_a, samples_b, stat, *, boots=2000, seed=0):
     """Mean over seeds of stat(delta, samples_a) - stat(delta, samples_b) and a 95% percentile-bootstrap
     interval, resampling completions within each seed (the two estimators share the completions).
@@ -1192,6 +1217,7 @@ class Config:
     grad_draws: int = 4  # mask draws per completion for the gradient cosines
     grid_draws: int = 96  # masks per completion at each (gamma, mu), spread over the mu ratios
     distance_prompts: int = 8  # prompts of the sampler-distance table (seed 0's pi_old)
+    jump_learning_rates: tuple = (5e-4, 1e-4, 2e-5)  # MaskGRPO step sizes of the commit-decision table (seed 0)
     out: str = "runs/exact"  # where table.md, estimators.png, semi_ar.md and semi_ar.png go
 
     def __post_init__(self):
@@ -1300,11 +1326,16 @@ def semi_ar_study(cfg, out):
     generator = torch.Generator().manual_seed(2000)
     prompts = running_sums(cfg.distance_prompts, generator)[:, :SUM_LENGTH]
     _, distance_md = sampler_distance_table(old, prompts, sampler)
+    _, jump_md = commit_decision_table(0, cfg.jump_learning_rates, num_prompts=cfg.semi_ar_prompts, group=cfg.semi_ar_group,
+                                       pretrain_steps=cfg.semi_ar_pretrain_steps, rl_steps=cfg.semi_ar_rl_steps,
+                                       sampler=sampler)
     text = (f"Seed 0 ({len(batch.sequences)} completions, mu = {cfg.semi_ar_mu}, gamma = {cfg.semi_ar_gamma}):\n\n{markdown}\n\n"
             f"Mean ± std over {cfg.semi_ar_seeds} seeds:\n\n{summary}\n\nPaired differences (completions resampled "
             f"within each seed):\n\n{contrast_md}\n\nRev estimators at each (gamma, mu), mean over seeds:\n\n{grid_md}\n\n"
             f"Distance of the Fast-dLLM rollouts' laws to the exact sampler's (seed 0's pi_old, "
-            f"{cfg.distance_prompts} prompts, by enumeration):\n\n{distance_md}\n")
+            f"{cfg.distance_prompts} prompts, by enumeration):\n\n{distance_md}\n\nThe part of the exact log-ratio that "
+            f"comes from changed commit decisions, against the policy step (seed 0, {cfg.semi_ar_rl_steps} MaskGRPO "
+            f"steps at each lr):\n\n{jump_md}\n")
     print(text)
     (out / "semi_ar.md").write_text(text)
     fig = plot_semi_ar(tables[0], [r | {k: r[k][0] for k in GRID_KEYS} for r in grid_mean])
