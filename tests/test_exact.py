@@ -14,6 +14,7 @@ from toy.exact import (
     SEMI_AR_ESTIMATORS,
     Config,
     all_completions,
+    commit_decision_table,
     completion_distribution,
     estimator_masks,
     estimator_table,
@@ -342,3 +343,9 @@ def test_cli_config_refuses_bad_values():
     with pytest.raises(ConfigError, match="draws"):
         parse_config(Config, ["--draws=0"])
     assert parse_config(Config, ["--semi_ar_seeds=2"]).semi_ar_seeds == 2
+
+
+def test_commit_decision_table_is_zero_without_a_policy_step():
+    rows, markdown = commit_decision_table(0, (1e-4,), num_prompts=2, group=2, pretrain_steps=3, rl_steps=0)
+    assert markdown.count("\n") == 2
+    assert rows[0]["delta"] == rows[0]["smooth"] == rows[0]["jump"] == rows[0]["any_order"] == 0.0

@@ -1077,7 +1077,6 @@ def sampler_distance_table(model, prompts, sampler=Sampler(), fast=FAST_SAMPLERS
     return rows, "\n".join(lines)
 
 
-@torch.no_grad()
 def commit_decision_table(seed=0, learning_rates=(5e-4, 1e-4, 2e-5), *, num_prompts=16, group=8, pretrain_steps=200,
                           rl_steps=2, sampler=Sampler()):
     """How much of the exact semi-AR log-ratio comes from changed commit decisions, against the policy step:
@@ -1088,9 +1087,10 @@ def commit_decision_table(seed=0, learning_rates=(5e-4, 1e-4, 2e-5), *, num_prom
     for lr in learning_rates:
         old, new = make_semi_ar_policies(seed, pretrain_steps, rl_steps=rl_steps, rl_lr=lr, sampler=sampler)
         batch = semi_ar_completions(old, num_prompts, group, torch.Generator().manual_seed(1000 + seed), sampler)
-        delta = semi_ar_logprob(new, batch, sampler) - semi_ar_logprob(old, batch, sampler)
-        smooth = semi_ar_logprob(new, batch, sampler, rank_model=old) - semi_ar_logprob(old, batch, sampler)
-        any_order = exact_logprobs(new, batch)["any_order"] - exact_logprobs(old, batch)["any_order"]
+        with torch.no_grad():
+            delta = semi_ar_logprob(new, batch, sampler) - semi_ar_logprob(old, batch, sampler)
+            smooth = semi_ar_logprob(new, batch, sampler, rank_model=old) - semi_ar_logprob(old, batch, sampler)
+            any_order = exact_logprobs(new, batch)["any_order"] - exact_logprobs(old, batch)["any_order"]
         jump = delta - smooth
         rows.append(dict(lr=lr, delta=float(delta.std()), smooth=float(smooth.std()), jump=float(jump.std()),
                          any_order=float(any_order.std()), jump_frac=float((jump.abs() > 0.05).double().mean()),
