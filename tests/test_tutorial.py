@@ -200,3 +200,18 @@ def test_image_claims(executed):
         text, r"64 probe images \(same generator\): reward <n> -> <n>; well-formed <n>% -> <n>%; on the left <n>% -> <n>%; "
               r"distinct images <n> -> <n> of 64", 1)
     assert r1 > r0 + 0.2 and l1 > l0 and d1 > 32
+
+
+def test_semi_ar_exact_check_claims(executed):
+    """6, semi-AR: AR-like Rev ahead of random Rev, trace-ordered Rev close to AR-like, d1 the noisiest over masks,
+    the smooth part short of the truth. exact.semi_ar_demo with seeds 0-4 gave AR-like - random +0.031 to +0.151,
+    trace - AR-like -0.047 to +0.014, d1 / AR-like std over masks 1.7-7.0, smooth-part correlation 0.62-0.92."""
+    text = executed[1]
+    (arlike, random_rev, trace), = find(text, r"semi-AR, corr \(1 mask\) with the exact log-ratio: AR-like Rev <n>, "
+                                              r"random Rev <n>, trace-ordered Rev <n>", 1)
+    (smooth,), = find(text, r"semi-AR, the smooth part \(pi_old's commit decisions kept\): corr <n>", 1)
+    (d1, arlike_std), = find(text, r"semi-AR, std over masks: d1 <n>, AR-like Rev <n>", 1)
+    assert arlike > random_rev + 0.015
+    assert abs(trace - arlike) < 0.06
+    assert d1 > 1.4 * arlike_std
+    assert smooth < 0.95

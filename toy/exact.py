@@ -132,7 +132,7 @@ gradient reaches.
     make_semi_ar_policies(seed) -> (pi_old, pi_theta);  semi_ar_completions(...) -> maskgrpo.Completions
     semi_ar_logprob(model, batch) -> exact log P(o) under the semi-AR sampler, (N,) differentiable
     semi_ar_table / gamma_mu_grid / sampler_distance_table -> (rows, markdown)
-    plot_semi_ar(rows, grid_rows) -> Figure;  semi_ar_demo(seed=0) -> (markdown, Figure), ~15 s
+    plot_semi_ar(rows, grid_rows) -> Figure;  semi_ar_demo(seed=0) -> (rows, markdown, Figure), ~15 s
 
 Run (options as --key=value, `-h` lists them; writes runs/exact/{table.md, estimators.png, semi_ar.md,
 semi_ar.png}):
@@ -1176,13 +1176,14 @@ def plot_semi_ar(rows, grid_rows=()):
 
 
 def semi_ar_demo(seed=0):
-    """The semi-AR study at notebook size (about 15 s on one core): returns (markdown table, Figure)."""
+    """The semi-AR study at notebook size (about 15 s on one core): returns (rows, markdown table, Figure);
+    rows are semi_ar_table's (one dict per estimator, keyed by its column names)."""
     old, new = make_semi_ar_policies(seed)
     generator = torch.Generator().manual_seed(seed + 1)
     batch = semi_ar_completions(old, 8, 4, generator)
     rows, markdown = semi_ar_table(new, old, batch, generator=generator, draws=4, num_iterations=12, grad_completions=4,
                                    grad_draws=2)
-    return markdown, plot_semi_ar(rows)
+    return rows, markdown, plot_semi_ar(rows)
 
 
 # -----------------------------------------------------------------------------
