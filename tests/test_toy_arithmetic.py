@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -144,14 +145,30 @@ def test_resume_equals_uninterrupted(tmp_path):
         arithmetic.main(tiny(tmp_path, grpo_steps=6, run_name="resumed", learning_rate=1e-4))
 
 
+def test_paired_interval_against_the_t_formula():
+    from toy import ablation
+
+    diffs = [3.0, -1.0, 4.0, 1.0, 5.0]
+    mean = sum(diffs) / 5
+    sd = (sum((d - mean) ** 2 for d in diffs) / 4) ** 0.5
+    assert ablation.paired_interval(diffs) == pytest.approx((mean, 2.776 * sd / 5 ** 0.5))
+
+
 def test_ablation_writes_table_and_plot(tmp_path):
     from toy import ablation
 
-    cfg = ablation.AblationConfig(**TINY | dict(out_root=str(tmp_path), arms="d1,unshared", seeds=2, grpo_steps=2))
+    cfg = ablation.AblationConfig(**TINY | dict(out_root=str(tmp_path), arms="maskgrpo,d1,trace,official", seeds=2,
+                                                grpo_steps=2))
     summaries = ablation.main(cfg)
-    assert list(summaries) == ["d1", "unshared"]
+    assert list(summaries) == ["maskgrpo", "d1", "trace", "official"]
     table = (tmp_path / "ablation" / "table.md").read_text()
-    assert "| d1 |" in table and "| unshared |" in table
+    assert all(f"| {arm} |" in table for arm in summaries)
+    runs = json.loads((tmp_path / "ablation" / "summary.json").read_text())["runs"]
+    for arm in ("d1", "trace", "official"):  # the paired rows: per-seed differences against maskgrpo
+        diffs = [100 * (ablation.final_accuracy(a) - ablation.final_accuracy(b))
+                 for a, b in zip(runs[arm], runs["maskgrpo"], strict=True)]
+        mean, half = ablation.paired_interval(diffs)
+        assert f"| {arm} | {mean:+.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] |" in table
     assert (tmp_path / "ablation" / "ablation.png").exists()
     with pytest.raises(ValueError, match="unknown arms"):
         ablation.AblationConfig(arms="d1,nope")

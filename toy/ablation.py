@@ -2,6 +2,8 @@
 
     python toy/ablation.py                          # 5 arms x 3 seeds from one cached SFT model
     python toy/ablation.py --seeds=5 --grpo_steps=60 --arms=d1,maskgrpo
+    python toy/ablation.py --arms=maskgrpo,random,trace,official,d1 --seeds=5 --answer_slip=0 \
+        --sft_steps=350 --learning_rate=5e-5 --beta=0 --grpo_steps=100 --run_name=estimators   # issue 13's setting
     python toy/ablation.py -h                       # also takes every toy/arithmetic.py setting
 
 Arms (everything else is the arithmetic default; each arm changes one thing from the row above,
@@ -11,6 +13,9 @@ except d1, which replaces the whole estimator):
     arlike_g0   AR-like Rev, gamma = 0
     maskgrpo    AR-like Rev, gamma = 0.6: full MaskGRPO
     unshared    full MaskGRPO, but old / reference / current policies scored on independent masks
+    random      random Rev, gamma = 0.6 (MaskGRPO with the ramp removed)
+    trace       Rev in the decoding order the sampler recorded (maskgrpo.remask, "trace"), gamma = 0.6
+    official    the official code's ramp as it runs (maskgrpo.remask, "official"), gamma = 0.6
 
 Every run starts from the same SFT checkpoint and differs only in the GRPO seed (prompts, rollouts,
 masks). Writes, in runs/arithmetic/ablation/: table.md, ablation.png (held-out accuracy against step,
@@ -20,7 +25,10 @@ runs and resumes an interrupted one.
 Table columns: final held-out greedy exact match (mean +- std over seeds), its gain over the SFT model,
 rollout reward gain (mean rollout reward of the last 5 GRPO steps minus the first 5), GRPO wall time per run,
 and mean KL to the SFT model (k3 estimator on the arm's own masked tokens, averaged over steps; d1 masks
-the whole completion, so its KL is measured on different tokens).
+the whole completion, so its KL is measured on different tokens). When "maskgrpo" is among the arms, a
+second table gives each other arm's final accuracy minus maskgrpo's, paired by GRPO seed, with a 95%
+t-interval over the seeds (the same seed draws the same prompts, so the pairing removes part of the
+prompt-to-prompt noise).
 """
 
 import dataclasses
@@ -39,7 +47,12 @@ ARMS = {
     "arlike_g0": dict(remasking="arlike", min_mask_rate=0.0),
     "maskgrpo": dict(remasking="arlike", min_mask_rate=0.6),
     "unshared": dict(remasking="arlike", min_mask_rate=0.6, shared_masks=False),
+    "random": dict(remasking="random", min_mask_rate=0.6),
+    "trace": dict(remasking="trace", min_mask_rate=0.6),
+    "official": dict(remasking="official", min_mask_rate=0.6),
 }
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..10 (beyond: the normal 1.96 is within 3%)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 
 
 @dataclass
@@ -63,6 +76,34 @@ class AblationConfig(arithmetic.Config):
 
 def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def paired_interval(differences):
+    """Mean of per-seed differences and its 95% t-interval half-width (nan with one seed)."""
+    n = len(differences)
+    if n < 2:
+        return statistics.mean(differences), float("nan")
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.96
+    return statistics.mean(differences), t * statistics.stdev(differences) / n ** 0.5
+
+
+def final_accuracy(records):
+    return [r for r in records if "heldout_acc" in r][-1]["heldout_acc"]
+
+
+def paired_table(all_runs, baseline="maskgrpo"):
+    """Each arm's final held-out accuracy minus the baseline's, paired by seed, with its 95% interval."""
+    base = [final_accuracy(records) for records in all_runs[baseline]]
+    lines = [f"| arm - {baseline} | final held-out difference (points) | 95% interval | seeds where the arm is ahead |",
+             "|---|---|---|---|"]
+    for arm, runs in all_runs.items():
+        if arm == baseline:
+            continue
+        diffs = [100 * (final_accuracy(records) - b) for records, b in zip(runs, base, strict=True)]
+        mean, half = paired_interval(diffs)
+        ahead = sum(d > 0 for d in diffs)
+        lines.append(f"| {arm} | {mean:+.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] | {ahead} of {len(diffs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def arm_summary(runs):
@@ -134,12 +175,15 @@ def main(cfg):
             policy.load_state_dict(sft_state)
             all_runs[arm].append(arithmetic.grpo(run_cfg, policy, train, heldout, run_dir, log=tqdm.write))
         summaries[arm] = arm_summary(all_runs[arm])
-        with open(os.path.join(out, "table.md"), "w") as f:  # rewritten after each arm: partial results survive
-            f.write(table(summaries, cfg))
+        text = table(summaries, cfg)  # rewritten after each arm: partial results survive
+        atomic_write(os.path.join(out, "table.md"), lambda f, text=text: f.write(text), mode="w")
     write_json(dict(config=dataclasses.asdict(cfg), arms=ARMS, summaries=summaries, sft_seconds=sft_info["seconds"],
                     runs=all_runs), os.path.join(out, "summary.json"))
     plot(all_runs, os.path.join(out, "ablation.png"))
     text = table(summaries, cfg)
+    if "maskgrpo" in all_runs and len(all_runs) > 1:
+        text += "\n" + paired_table(all_runs)
+        atomic_write(os.path.join(out, "table.md"), lambda f: f.write(text), mode="w")
     print(text)
     for arm, runs in all_runs.items():
         plot_curves([r for records in runs[:1] for r in records], os.path.join(out, f"{arm}-seed0", "curves.png"),
