@@ -27,7 +27,7 @@ from scale.tiny import make_tiny_assets  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 # sampled text (temperature 1) so that rows differ; batches of 5 over 12 rows: 3 batches, uneven over 2 ranks
 TEXT = ["--task", "gsm8k", "--temperature", "1", "--batch-size", "5", "--precision", "fp32"]
 IMAGE = ["--task", "geneval", "--batch-size", "5", "--samples-per-prompt", "3", "--precision", "fp32"]

@@ -29,7 +29,7 @@ from scale.tiny import make_tiny_assets  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # a fresh worker store every rendezvous round: torchrun's shared store does not survive losing its host node
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TRAIN = ["scale/train.py", "--preset", "tiny", "--max-steps", "3", "--resume"]
 METRICS = ("loss", "kl", "clip_frac", "ratio_mean", "ratio_max", "grad_norm", "masked_tokens", "reward_mean", "reward_std")
 
