@@ -172,6 +172,14 @@ def test_ablation_writes_table_and_plot(tmp_path):
     assert (tmp_path / "ablation" / "ablation.png").exists()
     with pytest.raises(ValueError, match="unknown arms"):
         ablation.AblationConfig(arms="d1,nope")
+    with pytest.raises(ValueError, match="first_seed"):
+        ablation.AblationConfig(first_seed=-1)
+    # one arm's seeds split over two calls, then one call over all seeds reuses the finished runs
+    split = ablation.AblationConfig(**TINY | dict(out_root=str(tmp_path / "split"), arms="d1", seeds=1, grpo_steps=2))
+    ablation.main(dataclasses.replace(split, first_seed=1))
+    ablation.main(split)
+    together = ablation.main(dataclasses.replace(split, seeds=2))
+    assert together["d1"] == summaries["d1"] | dict(seconds=together["d1"]["seconds"])
 
 
 # -----------------------------------------------------------------------------

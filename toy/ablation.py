@@ -18,7 +18,9 @@ except d1, which replaces the whole estimator):
     official    the official code's ramp as it runs (maskgrpo.remask, "official"), gamma = 0.6
 
 Every run starts from the same SFT checkpoint and differs only in the GRPO seed (prompts, rollouts,
-masks). Writes, in runs/arithmetic/ablation/: table.md, ablation.png (held-out accuracy against step,
+masks). Two processes can share the 2 cores: give them different --arms, or split one arm's seeds with
+--first_seed, then rerun with every arm and seed to write the table from the finished runs. Writes, in
+runs/arithmetic/ablation/: table.md, ablation.png (held-out accuracy against step,
 mean +- std over seeds) and summary.json; each run keeps its own folder, so a rerun skips finished
 runs and resumes an interrupted one.
 
@@ -59,7 +61,8 @@ T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 class AblationConfig(arithmetic.Config):
     # ablation
     arms: str = ",".join(ARMS)  # comma-separated subset of the arms
-    seeds: int = 3  # GRPO seeds per arm (seed = 0..seeds-1)
+    seeds: int = 3  # GRPO seeds per arm (seed = first_seed .. first_seed + seeds - 1)
+    first_seed: int = 0  # to split one arm's seeds over processes; a run with all seeds then reuses their runs
     grpo_steps: int = 50  # GRPO steps per run (half the main run)
     eval_every: int = 10  # GRPO steps between held-out evaluations
     show_mistakes: int = 0  # wrong held-out answers printed at each evaluation
@@ -70,8 +73,8 @@ class AblationConfig(arithmetic.Config):
         unknown = [a for a in self.arms.split(",") if a not in ARMS]
         if unknown:
             raise ValueError(f"unknown arms {unknown}; choose from {list(ARMS)}")
-        if self.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.seeds < 1 or self.first_seed < 0:
+            raise ValueError(f"seeds must be >= 1 and first_seed >= 0, got seeds={self.seeds}, first_seed={self.first_seed}")
 
 
 def mean_std(values):
@@ -164,11 +167,13 @@ def main(cfg):
     train, heldout = arithmetic.make_data(cfg)
     sft_model, sft_info = arithmetic.load_or_train_sft(cfg, train)
     sft_state = sft_model.state_dict()
+    # a run's settings are the arithmetic toy's alone, so a run is reused whatever arms / seeds selected it
+    task = arithmetic.Config(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(arithmetic.Config)})
     all_runs, summaries = {}, {}
     for arm in cfg.arms.split(","):
         all_runs[arm] = []
-        for seed in range(cfg.seeds):
-            run_cfg = dataclasses.replace(cfg, seed=seed, **ARMS[arm])
+        for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
+            run_cfg = dataclasses.replace(task, seed=seed, **ARMS[arm])
             run_dir = os.path.join(out, f"{arm}-seed{seed}")
             tqdm.write(f"== {arm}, seed {seed}: {ARMS[arm]}")
             policy = arithmetic.build_model(run_cfg, None)
