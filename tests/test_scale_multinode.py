@@ -29,7 +29,8 @@ from scale.tiny import make_tiny_assets  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 # a fresh worker store every rendezvous round: torchrun's shared store does not survive losing its host node
-ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+ENV = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+                    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TRAIN = ["scale/train.py", "--preset", "tiny", "--max-steps", "3", "--resume"]
 METRICS = ("loss", "kl", "clip_frac", "ratio_mean", "ratio_max", "grad_norm", "masked_tokens", "reward_mean", "reward_std")
 
@@ -90,7 +91,12 @@ def test_two_nodes_hsdp_match_one_node_and_resume_after_a_killed_agent(tmp_path)
 
     reference, _ = _steps(one)
     steps, events = _steps(two)
-    assert [e["event"] for e in events] == ["start", "resume", "done"]
+    # torch elastic may restart a finished worker group once more when a late node is still registered as
+    # waiting (a membership change); such a restart resumes at the last step and has nothing left to do
+    assert [e["event"] for e in events][:3] == ["start", "resume", "done"]
+    late = events[3:]
+    assert [e["event"] for e in late] == ["resume", "done"] * (len(late) // 2)
+    assert all(e["step"] == 3 for e in late if e["event"] == "resume")
     assert events[0]["parallel"] == "hsdp" and events[0]["mesh"] == [2, 1]  # (nodes, processes per node)
     assert events[1]["step"] == 1 and events[1]["rng_restored"]
     assert sorted(steps) == sorted(reference) == [1, 2, 3]
