@@ -10,54 +10,38 @@ Read top to bottom; every other part of the project imports this file.
           ──> GRPO loss ──> training step (rollout, rewards, advantages, mu updates)
 
 Choices this implementation makes (and where it departs from the paper / official code):
- 1. Each rollout batch is trained on every mask ratio r_0..r_{mu-1} exactly once, ratio r_j for
-    the whole batch at inner update j. The official code's gradient accumulation trains each
-    micro-batch on every other ratio, twice.
- 2. Masks are drawn from an explicit torch.Generator and kept as tensors, so old, reference and
-    current policies are scored on identical masks and rho == 1 exactly at j = 0. The official
-    code reseeds the global RNG (which also perturbs rollouts). `shared_masks=False` draws an
-    independent mask for every policy (an ablation); the loss then covers the tokens masked in all.
- 3. A text completion ends at its first EOS: only tokens up to it are re-masked and scored, so
-    EOS padding carries no loss and the AR-like ramp runs over the real answer. The rest of the
-    canvas stays in the sequence, always masked, as it was when the sampler wrote the answer (later
-    blocks are still masked). Cutting it off instead puts every scored token in a context the model
-    never saw in SFT or rollouts; on the arithmetic toy that stalled a 0.86 M model (one seed each:
-    45.0% -> 47.5% held-out in 300 steps, against 66.5% with the canvas kept).
-    The official code ramps and scores over the whole fixed canvas (`score_whole_canvas=True`).
- 4. Loss per masked token, averaged over all masked tokens of the batch ("token", as the official
-    code) or per sequence first ("sequence", closer to the paper's 1/|o_i|). The paper's 1/t
-    weight is off by default, as in the official code (`inverse_ratio_weight=True` turns it on).
- 5. Rollout Gumbel noise and confidences are computed in float64 (LLaDA's stated intent; the
-    official RL code used bf16). Logits are computed only for the block being decoded.
- 6. Images: rollouts may use classifier-free guidance; log-probs for the loss are always
-    conditional without guidance (the official code does the same, silently). "maskgit" is
-    MMaDA's t2i_generate schedule (clamped counts, compounded Gumbel scale, choice temperature 1).
+ 1. Inner update j trains the whole batch at ratio r_j, each ratio once (the official gradient
+    accumulation trains each micro-batch on every other ratio, twice).
+ 2. Masks come from an explicit torch.Generator and are kept, so old, reference and current policy
+    see identical masks and rho == 1 at j = 0 (the official code reseeds the global RNG).
+    `shared_masks=False` (an ablation) draws one per policy; the loss covers tokens masked in all.
+ 3. A text completion ends at its first EOS: only tokens up to it are re-masked and scored; the rest
+    of the canvas stays in the input, always masked, as the sampler saw it (cutting it off stalled a
+    toy model: README). The official code scores the whole canvas (`score_whole_canvas=True`).
+ 4. Loss averaged over the batch's masked tokens ("token", official) or per sequence first
+    ("sequence", the paper's 1/|o_i|); the paper's 1/t weight is off, as official (`inverse_ratio_weight`).
+ 5. Rollout Gumbel noise and confidences in float64 (LLaDA's intent; official RL used bf16); logits
+    only for the block being decoded.
+ 6. Images: rollouts may use CFG; loss log-probs are conditional without guidance (as official).
+    "maskgit" is MMaDA's t2i_generate schedule (clamped counts, compounded Gumbel scale).
  7. The model takes a key-padding mask and honours it (the official LLaDA copy ignores it).
- 8. LoRA is a few lines of our own (no `peft`/`transformers` dependency); the reference policy is
-    the same model with adapters switched off. scale/ exports adapters in PEFT's file format.
- 9. Groups (the G completions of one prompt) always live on one rank, so advantages need no
-    cross-rank gather; token counts are summed over ranks so 1 process on 2B rows equals
-    2 processes on B rows each. Distribution applies only when the world size is > 1.
-10. The text sampler ranks candidates by LLaDA's confidence (softmax over the full vocabulary) but
-    never proposes [MASK] itself, so a rollout always ends fully unmasked. The ELBO draws
-    t ~ U(1e-3, 1] (LLaDA's eps) to bound 1/t.
-11. The d1 baseline masks the whole completion (t = 1) and each real prompt token with
-    probability p_mask_prompt, redrawn per inner iteration and shared by old and current policy.
+ 8. LoRA is our own few lines; the reference policy is the model with adapters off (PEFT export: scale/).
+ 9. A group lives on one rank (no cross-rank gather); token counts are summed over ranks, so 1 process
+    on 2B rows equals 2 on B rows. Distribution applies only when the world size is > 1.
+10. Text candidates are ranked by LLaDA's full-vocabulary confidence, but [MASK] is never proposed,
+    so a rollout ends fully unmasked. The ELBO draws t ~ U(1e-3, 1] (LLaDA's eps) to bound 1/t.
+11. d1 masks the whole completion (t = 1) and each real prompt token w.p. p_mask_prompt, redrawn per
+    inner iteration and shared by old and current policy.
 12. KL is computed (and logged) only when beta > 0: with beta = 0 no reference model is needed.
-13. Fast rollouts (Fast-dLLM) are options, off by default: a KV cache refreshed at each block
-    boundary ("prefix", "dual") reuses keys/values that later commits have made stale, and
-    confidence-threshold decoding commits several tokens per step. Both change the sampling
-    distribution, so the rollout policy is no longer exactly the policy the estimator scores.
-    Images get neither: the image span is one bidirectional block (nothing outside it to cache
-    but the prompt), emerge has no confidence, and MaskGIT's count schedule is its definition.
-14. Missing rewards (NaN, +-inf, None) never reach the weights: their rows carry no loss and
-    their groups' baselines use the finite rewards (TRL's nan-aware choice, so one failed
-    verifier call costs one completion, not the run); an update whose gradient norm is not
-    finite is skipped. Both are counted in the stats. Config floats must be finite.
-15. Rev kinds beyond the paper: "trace" replays the sampler's recorded decoding order (TraceRL),
-    "official" reproduces the official code's ramp as it runs: its prompt_len is computed from a
-    1-D index and equals 1, so the ramp spans prompt + canvas and masks ~0.78 of the completion at
-    r = 0.63. The published text results come from that ramp.
+13. Fast rollouts (Fast-dLLM), off by default: a KV cache refreshed per block reuses keys/values that
+    later commits made stale; threshold decoding commits several tokens per step. Both change the
+    rollout law away from the scored policy. Images get neither: one bidirectional block, emerge has
+    no confidence, and MaskGIT's count schedule is its definition.
+14. Missing rewards (NaN, +-inf, None) carry no loss and their groups' baselines use the finite
+    rewards (TRL's nan-aware choice); an update with a non-finite gradient norm is skipped. Both counted.
+15. Rev kinds beyond the paper: "trace" replays the recorded decoding order (TraceRL); "official" is
+    the official code's ramp as it runs (its prompt_len is 1: see remask), which the published text
+    results used.
 """
 
 import math
@@ -272,10 +256,8 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(f, d, bias=False)
 
     def forward(self, x, cos, sin, attn_mask, kv=None, span=None, return_kv=False):
-        """x (B, S, D): hidden states of the S positions computed (all T, or the positions `span`).
-        kv: this layer's cached (K, V), each (B, H, T, hd), from an earlier full forward; the span's own
-        keys and values replace the cached ones inside the span. Returns (x, (k, v) of the S positions
-        when return_kv, else None)."""
+        """x (B, S, D): the S positions computed (all T, or `span`); kv: this layer's cached (K, V), each
+        (B, H, T, hd), whose span the fresh keys/values replace. Returns (x, (k, v) if return_kv else None)."""
         B, S, D = x.shape
         n = self.attn_norm(x)
         q, k, v = (p(n).view(B, S, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -317,10 +299,9 @@ class MaskedDiffusionLM(nn.Module):
         """input_ids (B, T); attention_mask (B, T) bool, False = padding that no token attends to.
         positions: slice of sequence positions and columns: slice of vocabulary entries for which
         logits are computed (an 8B vocabulary makes full logits expensive). Returns fp32 logits (B, P, V').
-        Approximate KV cache (Fast-dLLM, arXiv 2505.22618): return_kv=True also returns every layer's
-        (K, V) of this forward; a later call with that `kv` and a `span` (a slice of positions containing
-        `positions`) computes only the span's tokens, attending to fresh keys inside it and to the cached
-        ones outside. Exact while nothing outside the span has changed since the cache was made."""
+        KV cache (Fast-dLLM, arXiv 2505.22618): return_kv=True also returns every layer's (K, V); a call with
+        that `kv` and a `span` computes only the span, attending to cached keys outside it (exact while
+        nothing outside the span has changed)."""
         B, T = input_ids.shape
         if T > self.config.max_sequence_length:
             raise ValueError(f"input length {T} exceeds max_sequence_length={self.config.max_sequence_length}")
@@ -458,11 +439,9 @@ def transfer_counts(num_masked, steps):
 
 
 def text_candidates(logits, temperature, mask_id, generator):
-    """One low-confidence-remasking draw at every position of a block: logits (B, Lb, V) float64 ->
-    candidates x0 (B, Lb) and their confidences (B, Lb). As LLaDA's generate(): x0 ~ softmax(l / tau)
-    by Gumbel-max, confidence = softmax(l)[x0] over the full vocabulary (un-tempered, [MASK] included in
-    the normaliser). Unlike LLaDA, [MASK] itself is never a candidate (a committed [MASK] would leave
-    the canvas masked; a trained model never proposes it, a random toy model does)."""
+    """One low-confidence-remasking draw per position of a block: logits (B, Lb, V) float64 -> candidates
+    x0 (B, Lb) ~ softmax(l / tau) by Gumbel-max, and confidences softmax(l)[x0] over the full vocabulary
+    (as LLaDA's generate()). Unlike LLaDA, [MASK] is never a candidate (it would leave the canvas masked)."""
     candidates = logits.clone()
     candidates[..., mask_id] = -math.inf
     x0 = gumbel_argmax(candidates, temperature, generator)
@@ -504,12 +483,10 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
     Committed tokens never change. prompt_ids (B, P), left-padded with attention_mask (B, P).
     Returns (B, P + gen_length), and with return_trajectory=True also the decoding trajectory
     (B, gen_length): the step (1-based model forward) at which each completion token was committed.
-    Fast-dLLM (arXiv 2505.22618) options, both approximations of this sampler:
-      cache="prefix": at each block's first step one full forward caches every layer's keys/values;
-        the other steps recompute only the block and the canvas after it (the prefix comes from the
-        cache). cache="dual": only the block is recomputed (prefix and suffix from the cache).
-      threshold=float: every masked token of the block with confidence > threshold is committed, at
-        least the schedule's count; a block ends as soon as it is filled (fewer forwards).
+    Fast-dLLM (arXiv 2505.22618) approximations: cache="prefix" caches keys/values at each block's
+    first step and recomputes the block and what follows; "dual" recomputes only the block.
+    threshold=float commits every masked token above it (at least the schedule's count); a filled
+    block ends early.
     cache="none", threshold=None is the exact LLaDA sampler. on_step(step, x) sees every canvas."""
     _check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
     if gen_length % block_length:
@@ -603,9 +580,7 @@ def generate_image(model, input_ids, *, positions, columns, steps, mask_id, mode
       from pi with prob. emerge_reveal_prob(s, T); reveal counts are random.
     mode "maskgit" (MMaDA's t2i_generate): sample every masked token, confidence = log p + tau_s * Gumbel
       noise (maskgit_choice_temperature), keep the maskgit_keep_masked(...) least confident masked.
-    The image span is decoded as one bidirectional block, so Fast-dLLM's cache and threshold do not
-    apply (see the module docstring, choice 13).
-    uncond_ids: the same layout with an empty prompt (needed when guidance_scale > 0)."""
+    No Fast-dLLM cache or threshold (choice 13). uncond_ids: the layout with an empty prompt (for CFG)."""
     _check_positive(steps=steps)
     if mode not in ("emerge", "maskgit"):
         raise ValueError(f"mode must be 'emerge' or 'maskgit', got {mode!r}")
@@ -694,10 +669,9 @@ def remask(completion_ids, ratio, kind, generator, scored=None, *, order=None, p
     "trace": f = the token's rank in the decoding order that the sampler actually took, `order` (N, L)
       = the step at which each token was committed (generate_text(return_trajectory=True)); tokens
       committed in the same step rank by position (TraceRL / d2 replay this order).
-    "official": the ramp as the official code runs it (grpo/mask_grpo_train.py, `remask_ar`): its
-      prompt_len = prompt_index[0].sum() of a 1-D index is 1, so the ramp spans prompt + canvas:
-      f = (prompt_length - 1 + n) / (prompt_length + L - 2), n over the whole canvas of L tokens. At
-      r = 0.633 it masks ~0.78 of a 30-token canvas after a 20-token prompt, not 0.63."""
+    "official": the official ramp as it runs (grpo/mask_grpo_train.py, `remask_ar`): prompt_len =
+      prompt_index[0].sum() of a 1-D index is 1, so f = (prompt_length - 1 + n) / (prompt_length + L - 2)
+      over prompt + canvas; at r = 0.633 it masks ~0.78 of the completion, not 0.63."""
     N, L = completion_ids.shape
     device = completion_ids.device
     if scored is None:
@@ -899,8 +873,8 @@ def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None)
     missing: its row carries no loss and its group's baseline uses the others (group_advantages).
     reference: a frozen copy of the initial policy; None uses the policy with LoRA adapters off (or
     nothing when beta = 0). Returns a dict of float stats, averaged over the mu updates (ratio_max:
-    the maximum; skipped_updates: the count; nonfinite_rewards: missing rewards). With several ranks
-    `loss` is this rank's share (the ranks' values sum to the loss); the other stats are this rank's means."""
+    the maximum; skipped_updates, nonfinite_rewards: counts). With several ranks `loss` is this rank's
+    share (the ranks' values sum to the loss); the other stats are this rank's means."""
     N = batch.sequences.shape[0]
     rewards = as_rewards(rewards, N, batch.sequences.device)
     if cfg.beta > 0 and reference is None and not has_lora(policy):
