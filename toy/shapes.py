@@ -45,10 +45,11 @@ for), ckpt.pt (model, optimiser, generator states, step, records; rerunning the 
 resumes it exactly). The tokenizer and the SFT model are cached in runs/shapes/fsq-<hash>.pt and
 runs/shapes/sft-<hash>.pt.
 
-Measured with the defaults from scratch on the idle 2-core machine (2 threads): tokenizer 57 s, SFT 319 s,
-GRPO 80 steps 298 s with both evaluations (11 min 24 s in all). Held-out overall SFT 0.211 +- 0.020 ->
-0.386 +- 0.020 (+0.175; the goal is +0.15), graded score 0.373 -> 0.523. The README lists other seeds and
-the variants tried.
+Measured with the defaults from scratch on the idle 2-core machine (2 threads, 2026-12-03): tokenizer 96 s,
+SFT 509 s, GRPO 80 steps 480 s with both evaluations (18 min 19 s in all; this machine's speed varies ~1.6x
+between days: an earlier from-scratch run of older code took 11 min 24 s). Held-out overall SFT 0.211 +-
+0.020 -> 0.353 +- 0.021 (+0.142; the goal is +0.15, reached on average over seeds, not on every seed),
+graded score 0.373 -> 0.509. The README lists other seeds and the variants tried.
 """
 
 import dataclasses

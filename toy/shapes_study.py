@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 from toy import shapes
-from toy.common import run_cli, write_json
+from toy.common import atomic_write, run_cli, write_json
 
 
 @dataclass
@@ -112,9 +112,7 @@ def main(study):
         results[name] = [run_arm(study, sampler, gamma, seed, name) for seed in study.seed_list()]
     out = os.path.join(study.out_root, "study")
     text = table(results, study, command.strip())
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(text)
+    atomic_write(os.path.join(out, "table.md"), lambda f: f.write(text), mode="w")
     write_json(dict(config=dataclasses.asdict(study), command=command.strip(), seconds=time.perf_counter() - start,
                     results=results), os.path.join(out, "results.json"))
     print(text)
