@@ -48,7 +48,7 @@ runs/shapes/sft-<hash>.pt.
 Measured with the defaults from scratch on the idle 2-core machine (2 threads, 2026-12-03): tokenizer 96 s,
 SFT 509 s, GRPO 80 steps 480 s with both evaluations (18 min 19 s in all; this machine's speed varies ~1.6x
 between days: an earlier from-scratch run of older code took 11 min 24 s). Held-out overall SFT 0.211 +-
-0.020 -> 0.353 +- 0.021 (+0.142; the goal is +0.15, reached on average over seeds, not on every seed),
+0.020 -> 0.353 +- 0.021 (+0.142; the goal is +0.15: six measured gains average +0.146, see the README),
 graded score 0.373 -> 0.509. The README lists other seeds and the variants tried.
 """
 
