@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,7 +187,7 @@ def test_geneval_files_are_geneval_layout(tmp_path):
     path = write_geneval_sample(tmp_path / "images", 12, 3, meta, pixels)
     assert path == tmp_path / "images" / "00012" / "samples" / "00003.png"
     assert json.loads((tmp_path / "images" / "00012" / "metadata.jsonl").read_text()) == meta  # json.load-able
-    saved = torch.tensor(list(Image.open(path).convert("RGB").getdata()), dtype=torch.float32).T.reshape(3, 8, 8)
+    saved = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()  # (3, 8, 8)
     assert torch.equal(saved, (pixels * 255).round())
     assert sorted(p.name for p in (tmp_path / "images" / "00012").rglob("*")) == ["00003.png", "metadata.jsonl",
                                                                                    "samples"]
