@@ -15,13 +15,11 @@ Choices this implementation makes (and where it departs from the paper / officia
  2. Masks come from an explicit torch.Generator and are kept, so old, reference and current policy
     see identical masks and rho == 1 at j = 0 (the official code reseeds the global RNG).
     `shared_masks=False` (an ablation) draws one per policy; the loss covers tokens masked in all.
- 3. A text completion ends at its first EOS: only tokens up to it are re-masked and scored; the rest
-    of the canvas stays in the input, always masked, as the sampler saw it (cutting it off stalled a
-    toy model: README). The official code scores the whole canvas (`score_whole_canvas=True`).
+ 3. A text completion ends at its first EOS: only tokens up to it are re-masked and scored; the rest of
+    the canvas stays in the input, masked (official: the whole canvas, `score_whole_canvas=True`).
  4. Loss averaged over the batch's masked tokens ("token", official) or per sequence first
     ("sequence", the paper's 1/|o_i|); the paper's 1/t weight is off, as official (`inverse_ratio_weight`).
- 5. Rollout Gumbel noise and confidences in float64 (LLaDA's intent; official RL used bf16); logits
-    only for the block being decoded.
+ 5. Rollout Gumbel noise and confidences in float64 (LLaDA's intent; official RL: bf16); logits only for the block decoded.
  6. Images: rollouts may use CFG; loss log-probs are conditional without guidance (as official).
     "maskgit" is MMaDA's t2i_generate schedule (clamped counts, compounded Gumbel scale).
  7. The model takes a key-padding mask and honours it (the official LLaDA copy ignores it).
@@ -33,15 +31,12 @@ Choices this implementation makes (and where it departs from the paper / officia
 11. d1 masks the whole completion (t = 1) and each real prompt token w.p. p_mask_prompt, redrawn per
     inner iteration and shared by old and current policy.
 12. KL is computed (and logged) only when beta > 0: with beta = 0 no reference model is needed.
-13. Fast rollouts (Fast-dLLM), off by default: a KV cache refreshed per block reuses keys/values that
-    later commits made stale; threshold decoding commits several tokens per step. Both change the
-    rollout law away from the scored policy. Images get neither: one bidirectional block, emerge has
-    no confidence, and MaskGIT's count schedule is its definition.
+13. Fast rollouts (Fast-dLLM, off by default): a per-block KV cache with stale keys, threshold decoding;
+    both move the rollout law off the scored policy. Images get neither (one bidirectional block).
 14. Missing rewards (NaN, +-inf, None) carry no loss and their groups' baselines use the finite
     rewards (TRL's nan-aware choice); an update with a non-finite gradient norm is skipped. Both counted.
 15. Rev kinds beyond the paper: "trace" replays the recorded decoding order (TraceRL); "official" is
-    the official code's ramp as it runs (its prompt_len is 1: see remask), which the published text
-    results used.
+    the official code's ramp as it runs (see remask), which the published text results used.
 """
 
 import math
@@ -60,8 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def _check_finite(config):
-    """Every float field (and every float in a tuple field) of a config dataclass must be finite: a NaN
-    temperature or learning rate would otherwise surface, if at all, as NaN weights many steps later."""
+    """Every float (also inside tuples) of a config dataclass is finite: a NaN would surface as NaN weights."""
     for f in fields(config):
         value = getattr(config, f.name)
         for v in value if isinstance(value, tuple) else (value,):
@@ -483,11 +477,10 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
     Committed tokens never change. prompt_ids (B, P), left-padded with attention_mask (B, P).
     Returns (B, P + gen_length), and with return_trajectory=True also the decoding trajectory
     (B, gen_length): the step (1-based model forward) at which each completion token was committed.
-    Fast-dLLM (arXiv 2505.22618) approximations: cache="prefix" caches keys/values at each block's
-    first step and recomputes the block and what follows; "dual" recomputes only the block.
-    threshold=float commits every masked token above it (at least the schedule's count); a filled
-    block ends early.
-    cache="none", threshold=None is the exact LLaDA sampler. on_step(step, x) sees every canvas."""
+    Fast-dLLM (arXiv 2505.22618): cache="prefix" caches keys/values at each block's first step and
+    recomputes the block and what follows, "dual" only the block; threshold=float commits every masked
+    token above it (at least the schedule's count; a filled block ends early). cache="none", threshold=None is the exact LLaDA
+    sampler. on_step(step, x) sees every canvas."""
     _check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
     if gen_length % block_length:
         raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
@@ -660,15 +653,14 @@ def mask_ratio(iteration, num_iterations, min_mask_rate):
 
 def remask(completion_ids, ratio, kind, generator, scored=None, *, order=None, prompt_length=0):
     """Rev: re-mask a finished completion to mask level `ratio`. Returns (N, L) bool, True = masked.
-    Only `scored` tokens ((N, L) bool, a prefix of each row; default all) are ever masked.
-    "random": iid with prob. ratio (UniGRPO; MaskGRPO's image Rev).
+    Only `scored` tokens ((N, L) bool, a prefix of each row; default all) are ever masked. "random": iid
+    with prob. ratio (UniGRPO; MaskGRPO's image Rev).
     The other kinds mask late tokens more (MaskGRPO's "fading-out" ramp, paper §4.2):
         P(mask) = clamp(1 - 2 (1 - ratio) (1 - f), 0, 1),  f in [0, 1] = how late the token comes,
     so the expected masked fraction is `ratio` for ratio >= 0.5. They differ in what "late" means:
     "arlike": f = n / (L - 1), n = position in the scored answer of L tokens (a proxy for decoding order).
-    "trace": f = the token's rank in the decoding order that the sampler actually took, `order` (N, L)
-      = the step at which each token was committed (generate_text(return_trajectory=True)); tokens
-      committed in the same step rank by position (TraceRL / d2 replay this order).
+    "trace": f = the token's rank in the sampler's decoding order `order` (N, L) (the commit steps of
+      generate_text(return_trajectory=True); ties by position; TraceRL / d2 replay this order).
     "official": the official ramp as it runs (grpo/mask_grpo_train.py, `remask_ar`): prompt_len =
       prompt_index[0].sum() of a 1-D index is 1, so f = (prompt_length - 1 + n) / (prompt_length + L - 2)
       over prompt + canvas; at r = 0.633 it masks ~0.78 of the completion, not 0.63."""
@@ -869,12 +861,11 @@ def _update(policy, optimizer, batch, mask, old, ref, adv, loss_mask, cfg, weigh
 
 def grpo_step(policy, optimizer, batch, rewards, cfg, generator, reference=None):
     """One MaskGRPO step on a finished rollout batch: mu optimiser updates, update j on mask M_j
-    at ratio r_j for the whole batch. rewards: (N,) tensor or list; a non-finite or None reward is
-    missing: its row carries no loss and its group's baseline uses the others (group_advantages).
-    reference: a frozen copy of the initial policy; None uses the policy with LoRA adapters off (or
-    nothing when beta = 0). Returns a dict of float stats, averaged over the mu updates (ratio_max:
-    the maximum; skipped_updates, nonfinite_rewards: counts). With several ranks `loss` is this rank's
-    share (the ranks' values sum to the loss); the other stats are this rank's means."""
+    at ratio r_j for the whole batch. rewards: (N,) tensor or list; a non-finite or None reward is missing
+    (no loss for its row; its group's baseline uses the others: group_advantages).
+    reference: a frozen copy of the initial policy; None uses the policy with LoRA adapters off (or nothing
+    when beta = 0). Returns a dict of float stats averaged over the mu updates (ratio_max: the maximum;
+    skipped_updates, nonfinite_rewards: counts); with several ranks `loss` is this rank's share."""
     N = batch.sequences.shape[0]
     rewards = as_rewards(rewards, N, batch.sequences.device)
     if cfg.beta > 0 and reference is None and not has_lora(policy):
