@@ -479,8 +479,8 @@ def generate_text(model, prompt_ids, *, gen_length, block_length, steps, tempera
     (B, gen_length): the step (1-based model forward) at which each completion token was committed.
     Fast-dLLM (arXiv 2505.22618): cache="prefix" caches keys/values at each block's first step and
     recomputes the block and what follows, "dual" only the block; threshold=float commits every masked
-    token above it (at least the schedule's count; a filled block ends early). cache="none", threshold=None is the exact LLaDA
-    sampler. on_step(step, x) sees every canvas."""
+    token above it (at least the schedule's count; a filled block ends early). cache="none",
+    threshold=None is the exact LLaDA sampler. on_step(step, x) sees every canvas."""
     _check_positive(gen_length=gen_length, block_length=block_length, steps=steps)
     if gen_length % block_length:
         raise ValueError(f"block_length={block_length} must divide gen_length={gen_length}")
